@@ -1,0 +1,134 @@
+"""Frozen configuration, validated once and built from config.pbtxt parameters in one place.
+
+No torch and no Triton imports here: the scheduler layer reads ``SchedulerConfig`` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Iteration-level batching limits and the policy that fills each batch."""
+
+    policy: str = "fcfs"
+    max_batch_size: int = 32
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(
+                f"max_num_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: the pool's size in bytes (per device) and the block size in tokens."""
+
+    kv_cache_bytes: int = 256 * 2**20
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"kv_block_size must be positive, got {self.block_size}")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs. ``model_dir="default"`` selects the embedded model."""
+
+    model_dir: str = "default"
+    device: str = "auto"
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Settings of the Triton adapter and its engine loop."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cancellation_check_period_ms: int = 50
+    exclude_input_in_output: bool = True
+
+
+# config.pbtxt parameter name -> (section, field, parser). Names follow TensorRT-LLM's
+# backend where one exists (max_num_tokens, batch_scheduler_policy style).
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+_PARAMETERS = {
+    "model_dir": ("engine", "model_dir", str),
+    "device": ("engine", "device", str),
+    "dtype": ("engine", "dtype", str),
+    "max_model_len": ("engine", "max_model_len", int),
+    "scheduler_policy": ("scheduler", "policy", str),
+    "max_batch_size": ("scheduler", "max_batch_size", int),
+    "max_num_tokens": ("scheduler", "max_num_batched_tokens", int),
+    "kv_cache_bytes": ("cache", "kv_cache_bytes", int),
+    "kv_block_size": ("cache", "block_size", int),
+    "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
+    "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),
+}
+
+
+def serving_config_from_parameters(parameters: Mapping[str, str]) -> ServingConfig:
+    """Build the config from ``{name: string_value}``; empty values keep the default.
+
+    Raises ``ValueError`` naming the parameter on an unknown name or a bad value.
+    """
+    sections: dict[str, dict[str, object]] = {
+        "engine": {}, "scheduler": {}, "cache": {}, "serving": {}
+    }
+    for name, raw in parameters.items():
+        if name not in _PARAMETERS:
+            known = ", ".join(sorted(_PARAMETERS))
+            raise ValueError(f"unknown parameter {name!r}; known: {known}")
+        if raw is None or str(raw).strip() == "" or str(raw).startswith("${"):
+            continue
+        section, key, parse = _PARAMETERS[name]
+        try:
+            sections[section][key] = parse(str(raw).strip())
+        except ValueError as exc:
+            raise ValueError(f"parameter {name}={raw!r}: {exc}") from exc
+    engine = EngineConfig(
+        scheduler=SchedulerConfig(**sections["scheduler"]),  # type: ignore[arg-type]
+        cache=CacheConfig(**sections["cache"]),  # type: ignore[arg-type]
+        **sections["engine"],  # type: ignore[arg-type]
+    )
+    return ServingConfig(engine=engine, **sections["serving"])  # type: ignore[arg-type]
+
+
+def parameter_names() -> list[str]:
+    return sorted(_PARAMETERS)
+
+
+__all__ = [
+    "CacheConfig",
+    "EngineConfig",
+    "SchedulerConfig",
+    "ServingConfig",
+    "parameter_names",
+    "serving_config_from_parameters",
+]

@@ -1,0 +1,126 @@
+"""Request state as the scheduler sees it: token ids, progress and status. No torch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered like vLLM's: every status above ``PREEMPTED`` is terminal."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings, with TensorRT-LLM's conventions.
+
+    Greedy when ``temperature == 0``, ``top_k == 1``, or neither ``top_k`` nor ``top_p``
+    is set (``top_k == 0 and top_p == 0``, TensorRT-LLM's default).
+    ``min_length`` suppresses ``end_id`` and stop words until that many tokens exist.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    min_length: int = 0
+    end_id: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {self.min_length}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"random_seed must fit in uint64, got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop words must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return (
+            self.temperature == 0.0
+            or self.top_k == 1
+            or (self.top_k == 0 and self.top_p == 0.0)
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation job.
+
+    ``num_computed_tokens`` counts the leading tokens of ``all_token_ids`` whose K/V are in
+    the cache. A running decode request has ``num_computed_tokens == num_tokens - 1``: its
+    last sampled token is fed in the next step. Preemption by recomputation resets it to 0.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time_s: float = 0.0
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    first_scheduled_time_s: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.sampling.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens ``[start, stop)`` of prompt + output."""
+        n = self.num_prompt_tokens
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]

@@ -1,0 +1,242 @@
+"""The engine: tokenizer + scheduler + model runner, stepped one iteration at a time.
+
+Not thread-safe: one thread (the serving loop) calls every method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig
+from ..core.block_manager import BlockManager
+from ..core.request import FINISH_REASONS, Request, RequestStatus, SamplingParams
+from ..core.scheduler import Scheduler, create_scheduler
+from ..model.args import LlamaArgs
+from ..model.checkpoint import load_model
+from .kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
+from .model_runner import ModelRunner
+from .sampler import SamplingState
+from .tokenizer import IncrementalDetokenizer, TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new text and ids, and whether it ended."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int = 0
+    num_running: int = 0
+    num_preempted: int = 0
+    num_blocks_used: int = 0
+    num_blocks_total: int = 0
+    num_preemptions_total: int = 0
+    num_generated_tokens_total: int = 0
+    last_step_s: float = 0.0
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer
+    outputs: list[int] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_model_dir(model_dir: str) -> Path:
+    if model_dir == "default":
+        from ..model.default_model import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model_dir {model_dir!r} is not a directory")
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.model_dir = resolve_model_dir(config.model_dir)
+        self.args = LlamaArgs.from_model_dir(self.model_dir)
+        self.tokenizer = TextTokenizer(self.model_dir)
+        self.model = load_model(self.model_dir, self.device, self.dtype)
+
+        block_size = config.cache.block_size
+        num_blocks = num_blocks_for_budget(
+            self.args, block_size, self.dtype, config.cache.kv_cache_bytes
+        )
+        self.block_manager = BlockManager(num_blocks, block_size)
+        kv_caches = allocate_kv_caches(self.args, num_blocks, block_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device)
+        self.scheduler: Scheduler = create_scheduler(config.scheduler, self.block_manager)
+        self.max_model_len = min(
+            config.max_model_len or self.args.max_position_embeddings,
+            self.args.max_position_embeddings,
+            num_blocks * block_size,
+        )
+        self._tracked: dict[str, _Tracked] = {}
+        self.stats = EngineStats(num_blocks_total=num_blocks)
+        logger.info(
+            "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB), max_model_len=%d",
+            config.scheduler.policy, num_blocks, block_size,
+            num_blocks * bytes_per_block(self.args, block_size, self.dtype) / 2**20,
+            self.max_model_len,
+        )
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.args.eos_token_id
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        sampling: SamplingParams,
+        arrival_time_s: float | None = None,
+    ) -> None:
+        """Validate and queue a request. Raises ``ValueError`` with a user-facing message."""
+        if request_id in self._tracked:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.args.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size})")
+        if sampling.end_id is not None and not 0 <= sampling.end_id < self.args.vocab_size:
+            raise ValueError(f"end_id must be in [0, {self.args.vocab_size}), got {sampling.end_id}")
+        total = len(prompt_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = "
+                f"{total} exceeds the maximum context of {self.max_model_len} tokens"
+            )
+        if sampling.end_id is None and self.eos_token_id is not None:
+            sampling = _with_end_id(sampling, self.eos_token_id)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
+        )
+        self.scheduler.add_request(request)
+        self._tracked[request_id] = _Tracked(
+            request=request,
+            sampling=SamplingState.create(sampling, self.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, sampling.stop),
+        )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Remove a request (cancelled); its blocks return. None if unknown or done."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        return RequestOutput(
+            request_id=request_id, text="", token_ids=[], finished=True,
+            finish_reason="abort", num_prompt_tokens=tracked.request.num_prompt_tokens,
+            num_output_tokens=tracked.request.num_output_tokens,
+        )
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._tracked)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute and post-process one iteration."""
+        start = time.perf_counter()
+        output = self.scheduler.schedule()
+        results: list[RequestOutput] = []
+        if not output.is_empty:
+            states = {item.request_id: self._tracked[item.request_id].sampling
+                      for item in output.scheduled if item.sample}
+            sampled = self.runner.execute(output, states)
+            self.scheduler.update_from_output(output, sampled)
+            for request_id, token_id in sampled.items():
+                results.append(self._process_token(request_id, token_id))
+        self._update_stats(time.perf_counter() - start, sum(1 for _ in results))
+        return results
+
+    def _process_token(self, request_id: str, token_id: int) -> RequestOutput:
+        tracked = self._tracked[request_id]
+        request = tracked.request
+        tracked.sampling.num_output_tokens += 1
+        detok = tracked.detokenizer
+        detok.append(token_id)
+        if (
+            not request.is_finished
+            and request.num_output_tokens >= request.sampling.min_length
+            and detok.find_stop()
+        ):
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+        finished = request.is_finished
+        if finished:
+            del self._tracked[request_id]
+        return RequestOutput(
+            request_id=request_id,
+            text=detok.take_delta(finished),
+            token_ids=[token_id],
+            finished=finished,
+            finish_reason=FINISH_REASONS.get(request.status),
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    def _update_stats(self, step_s: float, num_tokens: int) -> None:
+        s = self.stats
+        s.num_waiting = self.scheduler.num_waiting
+        s.num_running = self.scheduler.num_running
+        s.num_preempted = self.scheduler.num_preempted
+        s.num_blocks_used = self.block_manager.num_used_blocks
+        s.num_preemptions_total = self.scheduler.num_preemptions_total
+        s.num_generated_tokens_total += num_tokens
+        s.last_step_s = step_s
+
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:
+        """Run prompts to completion in this thread (tests, benchmarks)."""
+        ids = [f"gen-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, sampling)
+        texts = {request_id: "" for request_id in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                texts[out.request_id] += out.text
+        return [texts[i] for i in ids]
+
+
+def _with_end_id(sampling: SamplingParams, end_id: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(sampling, end_id=end_id)

@@ -1,0 +1,91 @@
+"""Executes a ``SchedulerOutput``: builds the flat batch, runs the model, samples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..core.scheduler import ScheduledRequest, SchedulerOutput
+from ..model.attention import AttentionMetadata, PrefillSegment
+from ..model.llama import KVCache, LlamaForCausalLM
+from .sampler import SamplingState, sample
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_caches: list[KVCache], block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+
+    def execute(
+        self, output: SchedulerOutput, states: Mapping[str, SamplingState]
+    ) -> dict[str, int]:
+        """Run one iteration; return the sampled token of every item with ``sample``."""
+        prefills = [s for s in output.scheduled if s.is_prefill]
+        decodes = [s for s in output.scheduled if not s.is_prefill]
+        ordered = prefills + decodes
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        for item in ordered:
+            input_ids.extend(item.token_ids)
+            start = item.start_position
+            positions.extend(range(start, item.context_len))
+            slots.extend(self._slots(item))
+            if item.sample:
+                sample_rows.append(len(input_ids) - 1)
+        meta = self._metadata(prefills, decodes, slots)
+        hidden = self.model(
+            torch.tensor(input_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.kv_caches,
+            meta,
+        )
+        if not sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        sampled_items = [item for item in ordered if item.sample]
+        tokens = sample(logits, [states[item.request_id] for item in sampled_items])
+        return {item.request_id: tok for item, tok in zip(sampled_items, tokens, strict=True)}
+
+    def _slots(self, item: ScheduledRequest) -> list[int]:
+        bs = self.block_size
+        return [
+            item.block_ids[p // bs] * bs + p % bs
+            for p in range(item.start_position, item.context_len)
+        ]
+
+    def _metadata(
+        self, prefills: list[ScheduledRequest], decodes: list[ScheduledRequest], slots: list[int]
+    ) -> AttentionMetadata:
+        device = self.device
+        segments = []
+        token_start = 0
+        for item in prefills:
+            segments.append(PrefillSegment(
+                token_start=token_start,
+                num_tokens=item.num_tokens,
+                start_position=item.start_position,
+                block_table=torch.tensor(item.block_ids, device=device),
+            ))
+            token_start += item.num_tokens
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=device, dtype=torch.int64),
+            prefills=segments,
+            num_prefill_tokens=token_start,
+        )
+        if decodes:
+            max_blocks = max(len(item.block_ids) for item in decodes)
+            tables = [list(item.block_ids) + [0] * (max_blocks - len(item.block_ids))
+                      for item in decodes]
+            meta.decode_block_tables = torch.tensor(tables, device=device, dtype=torch.int64)
+            context_lens = torch.tensor([item.context_len for item in decodes], device=device)
+            key_pos = torch.arange(max_blocks * self.block_size, device=device)
+            meta.decode_mask = (key_pos[None, :] < context_lens[:, None])[:, None, None, :]
+        return meta

@@ -1,0 +1,87 @@
+"""Text <-> token ids with the checkpoint's ``tokenizer.json`` (Hugging Face tokenizers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json in {model_dir}: convert the tokenizer with "
+                "transformers (AutoTokenizer.from_pretrained(...).save_pretrained(dir))"
+            )
+        self._tokenizer = Tokenizer.from_file(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids as ``AutoTokenizer(text).input_ids`` gives them (BOS per the post-processor)."""
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text deltas, with stop strings.
+
+    Bytes of one character may span tokens: text is released only once it decodes
+    without a replacement character. With stop strings, the last ``len(stop) - 1``
+    characters are held back until they can no longer start a stop string, and the
+    stop string itself is never sent (vLLM's convention).
+    """
+
+    # Leading context decoded with each window so spacing rules see the previous token.
+    _CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int], stop: tuple[str, ...]):
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-self._CONTEXT_TOKENS :])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._stop = stop
+        self._hold_chars = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self._num_sent_chars = 0
+
+    def append(self, token_id: int) -> None:
+        self._ids.append(token_id)
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+
+    def find_stop(self) -> bool:
+        """If a stop string appeared, cut the text before it and return True."""
+        if not self._stop:
+            return False
+        # Only the unsent tail plus a stop's length can hold a new match.
+        search_from = max(0, self._num_sent_chars - self._hold_chars)
+        cut = min(
+            (i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0),
+            default=-1,
+        )
+        if cut < 0:
+            return False
+        self.text = self.text[:cut]
+        return True
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet sent; holds back a possible stop-string prefix unless finished."""
+        end = len(self.text) if finished else max(self._num_sent_chars,
+                                                    len(self.text) - self._hold_chars)
+        delta = self.text[self._num_sent_chars : end]
+        self._num_sent_chars = end
+        return delta

@@ -1,0 +1,94 @@
+"""Attention over a paged KV cache, in plain PyTorch (runs on CPU and CUDA).
+
+Cache layout, one pair of tensors per layer::
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    token at position p of a request lives in block block_table[p // block_size],
+    row p % block_size; its flat slot is block_id * block_size + p % block_size.
+
+A step's tokens are laid out prefill segments first, then one token per decode request.
+Prefill segments run one attention call each (causal); decodes run batched, their keys
+gathered through the block tables and padded, with a mask for the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    token_start: int  # first row of this segment in the step's flat token batch
+    num_tokens: int
+    start_position: int  # position of the first token; > 0 for a later chunk
+    block_table: torch.Tensor  # [num_blocks_of_request] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of every new token
+    prefills: list[PrefillSegment]
+    num_prefill_tokens: int
+    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int64, zero padded
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return 0 if self.decode_block_tables is None else self.decode_block_tables.shape[0]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """q: [T, Hq, hd]; k, v: [T, Hkv, hd] of the new tokens (already written to the cache).
+
+    Returns [T, Hq, hd].
+    """
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    gqa = q.shape[1] != num_kv_heads
+    out = torch.empty_like(q)
+    for seg in meta.prefills:
+        rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
+        qs = q[rows].transpose(0, 1)  # [Hq, n, hd]
+        if seg.start_position == 0:
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        else:
+            context_len = seg.start_position + seg.num_tokens
+            ks = k_cache[seg.block_table].view(-1, num_kv_heads, head_dim)[:context_len]
+            vs = v_cache[seg.block_table].view(-1, num_kv_heads, head_dim)[:context_len]
+            q_pos = torch.arange(seg.num_tokens, device=q.device) + seg.start_position
+            mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask, enable_gqa=gqa
+            )
+        out[rows] = o.transpose(0, 1)
+    if meta.decode_block_tables is not None:
+        rows = slice(meta.num_prefill_tokens, None)
+        num_decodes = meta.decode_block_tables.shape[0]
+        qd = q[rows].unsqueeze(2)  # [D, Hq, 1, hd]
+        kd = k_cache[meta.decode_block_tables].view(num_decodes, -1, num_kv_heads, head_dim)
+        vd = v_cache[meta.decode_block_tables].view(num_decodes, -1, num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(
+            qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask,
+            enable_gqa=gqa,
+        )
+        out[rows] = o.squeeze(2)
+    return out
