@@ -1,0 +1,111 @@
+"""Triton request tensors -> a validated generation request (numpy only, no Triton).
+
+Input names and types follow Triton's TensorRT-LLM ``ensemble`` model, so clients and
+tools written for it (genai-perf, the ``generate`` endpoint examples) work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    sampling: SamplingParams
+    stream: bool
+    exclude_input_in_output: bool
+
+
+class InvalidRequest(ValueError):
+    """The request's inputs are unusable; the message is safe to return to the client."""
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, kinds: str, what: str):
+    array = inputs.get(name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise InvalidRequest(f"input '{name}' must hold exactly one value, got shape {array.shape}")
+    if array.dtype.kind not in kinds:
+        raise InvalidRequest(f"input '{name}' must be {what}, got {array.dtype}")
+    return array.reshape(-1)[0].item()
+
+
+def _text(value: object, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"input '{name}' is not valid UTF-8") from exc
+    if isinstance(value, str):
+        return value
+    raise InvalidRequest(f"input '{name}' must be a string (BYTES), got {type(value).__name__}")
+
+
+def parse_generate_request(
+    inputs: Mapping[str, np.ndarray | None], *, default_exclude_input: bool
+) -> GenerateRequest:
+    """Validate the tensors of one request; raise ``InvalidRequest`` with a clear message."""
+    text = inputs.get("text_input")
+    if text is None:
+        raise InvalidRequest("missing required input 'text_input'")
+    if text.size != 1:
+        raise InvalidRequest(f"input 'text_input' must hold one string, got shape {text.shape}")
+    prompt = _text(text.reshape(-1)[0], "text_input")
+
+    max_tokens = _scalar(inputs, "max_tokens", "iu", "an integer (INT32)")
+    if max_tokens is None:
+        raise InvalidRequest("missing required input 'max_tokens'")
+    if max_tokens <= 0:
+        raise InvalidRequest(f"max_tokens must be positive, got {max_tokens}")
+
+    stop_words: tuple[str, ...] = ()
+    stop = inputs.get("stop_words")
+    if stop is not None:
+        if stop.dtype.kind not in "OSU":
+            raise InvalidRequest(f"input 'stop_words' must be strings (BYTES), got {stop.dtype}")
+        stop_words = tuple(_text(v, "stop_words") for v in stop.reshape(-1))
+        if any(not s for s in stop_words):
+            raise InvalidRequest("input 'stop_words' must not contain empty strings")
+
+    def opt(name: str, kinds: str, what: str, default):  # type: ignore[no-untyped-def]
+        value = _scalar(inputs, name, kinds, what)
+        return default if value is None else value
+
+    try:
+        seed = _scalar(inputs, "random_seed", "iu", "an integer (UINT64)")
+        end_id = _scalar(inputs, "end_id", "iu", "an integer (INT32)")
+        sampling = SamplingParams(
+            max_tokens=int(max_tokens),
+            temperature=float(opt("temperature", "f", "a float (FP32)", 1.0)),
+            top_k=int(opt("top_k", "iu", "an integer (INT32)", 0)),
+            top_p=float(opt("top_p", "f", "a float (FP32)", 0.0)),
+            seed=None if seed is None else int(seed),
+            min_length=int(opt("min_length", "iu", "an integer (INT32)", 0)),
+            end_id=None if end_id is None else int(end_id),
+            stop=stop_words,
+        )
+    except InvalidRequest:
+        raise
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    return GenerateRequest(
+        prompt=prompt,
+        sampling=sampling,
+        stream=bool(opt("stream", "b", "a boolean (BOOL)", False)),
+        exclude_input_in_output=bool(
+            opt("exclude_input_in_output", "b", "a boolean (BOOL)", default_exclude_input)
+        ),
+    )
+
+
+INPUT_NAMES = (
+    "text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "random_seed",
+    "min_length", "end_id", "stop_words", "exclude_input_in_output",
+)

@@ -1,0 +1,146 @@
+"""Triton Python-backend adapter: requests in, per-token responses out.
+
+``execute`` only validates and enqueues; ``EngineLoop`` runs the engine on its own thread
+and calls back here to send responses through each request's response sender.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from preemptserve.config import serving_config_from_parameters
+from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from preemptserve.serving.engine_loop import EngineLoop
+from preemptserve.serving.protocol import (
+    INPUT_NAMES,
+    GenerateRequest,
+    InvalidRequest,
+    parse_generate_request,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        auto_complete_model_config.set_model_transaction_policy({"decoupled": True})
+        auto_complete_model_config.set_max_batch_size(0)
+        return auto_complete_model_config
+
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("this model must be decoupled")
+        parameters = {
+            name: value.get("string_value", "")
+            for name, value in model_config.get("parameters", {}).items()
+        }
+        self.config = serving_config_from_parameters(parameters)
+        engine = LLMEngine(self.config.engine)
+        self.metrics = _Metrics(args["model_name"], engine.stats)
+        self.loop = EngineLoop(
+            engine,
+            cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
+            on_stats=self.metrics.update,
+        )
+        self.loop.start()
+        self.logger.log_info(
+            f"preemptserve: model {engine.model_dir} on {engine.device}, "
+            f"policy {self.config.engine.scheduler.policy}, "
+            f"{engine.block_manager.num_blocks} KV blocks"
+        )
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            inputs = {}
+            for name in INPUT_NAMES:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                inputs[name] = None if tensor is None else tensor.as_numpy()
+            try:
+                parsed = parse_generate_request(
+                    inputs, default_exclude_input=self.config.exclude_input_in_output
+                )
+            except InvalidRequest as exc:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
+                            flags=FINAL)
+                continue
+            self.loop.submit(parsed.prompt, parsed.sampling, _Responder(sender, parsed),
+                             is_cancelled=sender.is_cancelled)
+        return None
+
+    def finalize(self):
+        self.loop.shutdown()
+
+
+class _Responder:
+    """Turns engine outputs into Triton responses for one request (loop thread only)."""
+
+    def __init__(self, sender, request: GenerateRequest) -> None:
+        self.sender = sender
+        self.stream = request.stream
+        # Like TensorRT-LLM and vLLM backends: the prompt leads the text unless excluded.
+        self.pending = "" if request.exclude_input_in_output else request.prompt
+
+    def __call__(self, output: RequestOutput, error: str | None) -> None:
+        if error is not None:
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)),
+                             flags=FINAL)
+            return
+        if output.finish_reason == "abort":  # cancelled: close the stream, nothing more
+            self.sender.send(flags=FINAL)
+            return
+        self.pending += output.text
+        if self.stream:
+            self.sender.send(_text_response(self.pending), flags=FINAL if output.finished else 0)
+            self.pending = ""
+        elif output.finished:
+            self.sender.send(_text_response(self.pending), flags=FINAL)
+
+
+def _text_response(text: str):
+    tensor = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
+    return pb_utils.InferenceResponse(output_tensors=[tensor])
+
+
+class _Metrics:
+    """Custom Prometheus metrics, next to Triton's own on the metrics port."""
+
+    def __init__(self, model_name: str, stats: EngineStats) -> None:
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        labels = {"model": model_name}
+        requests = pb_utils.MetricFamily(
+            name="preemptserve_requests", description="Requests by scheduler state", kind=gauge)
+        blocks = pb_utils.MetricFamily(
+            name="preemptserve_kv_blocks", description="Device KV cache blocks", kind=gauge)
+        self.waiting = requests.Metric(labels={**labels, "state": "waiting"})
+        self.running = requests.Metric(labels={**labels, "state": "running"})
+        self.preempted = requests.Metric(labels={**labels, "state": "preempted"})
+        self.blocks_used = blocks.Metric(labels={**labels, "state": "used"})
+        self.blocks_total = blocks.Metric(labels={**labels, "state": "total"})
+        self.preemptions = pb_utils.MetricFamily(
+            name="preemptserve_preemptions_total", description="Preemptions so far",
+            kind=counter).Metric(labels=labels)
+        self.tokens = pb_utils.MetricFamily(
+            name="preemptserve_generated_tokens_total", description="Tokens generated so far",
+            kind=counter).Metric(labels=labels)
+        self._families = (requests, blocks)  # keep families alive with their metrics
+        self._last_preemptions = 0
+        self._last_tokens = 0
+        self.update(stats)
+
+    def update(self, stats: EngineStats) -> None:
+        self.waiting.set(stats.num_waiting)
+        self.running.set(stats.num_running)
+        self.preempted.set(stats.num_preempted)
+        self.blocks_used.set(stats.num_blocks_used)
+        self.blocks_total.set(stats.num_blocks_total)
+        self.preemptions.increment(stats.num_preemptions_total - self._last_preemptions)
+        self._last_preemptions = stats.num_preemptions_total
+        self.tokens.increment(stats.num_generated_tokens_total - self._last_tokens)
+        self._last_tokens = stats.num_generated_tokens_total
