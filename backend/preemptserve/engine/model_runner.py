@@ -22,6 +22,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
 
+    @torch.inference_mode()
     def execute(
         self, output: SchedulerOutput, states: Mapping[str, SamplingState]
     ) -> dict[str, int]:

@@ -123,13 +123,16 @@ class _Metrics:
         self.preempted = requests.Metric(labels={**labels, "state": "preempted"})
         self.blocks_used = blocks.Metric(labels={**labels, "state": "used"})
         self.blocks_total = blocks.Metric(labels={**labels, "state": "total"})
-        self.preemptions = pb_utils.MetricFamily(
+        preemptions = pb_utils.MetricFamily(
             name="preemptserve_preemptions_total", description="Preemptions so far",
-            kind=counter).Metric(labels=labels)
-        self.tokens = pb_utils.MetricFamily(
+            kind=counter)
+        tokens = pb_utils.MetricFamily(
             name="preemptserve_generated_tokens_total", description="Tokens generated so far",
-            kind=counter).Metric(labels=labels)
-        self._families = (requests, blocks)  # keep families alive with their metrics
+            kind=counter)
+        self.preemptions = preemptions.Metric(labels=labels)
+        self.tokens = tokens.Metric(labels=labels)
+        # A family must outlive its metrics, or updates fail.
+        self._families = (requests, blocks, preemptions, tokens)
         self._last_preemptions = 0
         self._last_tokens = 0
         self.update(stats)
