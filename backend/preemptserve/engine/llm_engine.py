@@ -102,7 +102,8 @@ class LLMEngine:
             num_blocks * block_size,
         )
         self._tracked: dict[str, _Tracked] = {}
-        self.stats = EngineStats(num_blocks_total=num_blocks)
+        self._num_generated_tokens_total = 0
+        self._last_step_s = 0.0
         logger.info(
             "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB), max_model_len=%d",
             config.scheduler.policy, num_blocks, block_size,
@@ -186,7 +187,8 @@ class LLMEngine:
             self.scheduler.update_from_output(output, sampled)
             for request_id, token_id in sampled.items():
                 results.append(self._process_token(request_id, token_id))
-        self._update_stats(time.perf_counter() - start, sum(1 for _ in results))
+        self._last_step_s = time.perf_counter() - start
+        self._num_generated_tokens_total += len(results)
         return results
 
     def _process_token(self, request_id: str, token_id: int) -> RequestOutput:
@@ -214,15 +216,17 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
         )
 
-    def _update_stats(self, step_s: float, num_tokens: int) -> None:
-        s = self.stats
-        s.num_waiting = self.scheduler.num_waiting
-        s.num_running = self.scheduler.num_running
-        s.num_preempted = self.scheduler.num_preempted
-        s.num_blocks_used = self.block_manager.num_used_blocks
-        s.num_preemptions_total = self.scheduler.num_preemptions_total
-        s.num_generated_tokens_total += num_tokens
-        s.last_step_s = step_s
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_preempted=self.scheduler.num_preempted,
+            num_blocks_used=self.block_manager.num_used_blocks,
+            num_blocks_total=self.block_manager.num_blocks,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_generated_tokens_total=self._num_generated_tokens_total,
+            last_step_s=self._last_step_s,
+        )
 
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:
         """Run prompts to completion in this thread (tests, benchmarks)."""

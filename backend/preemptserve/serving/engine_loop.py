@@ -80,6 +80,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         last_cancel_check = last_stats = time.monotonic()
+        stats_dirty = True
         while not self._stop.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished_requests())
             now = time.monotonic()
@@ -87,6 +88,7 @@ class EngineLoop:
                 self._check_cancelled()
                 last_cancel_check = now
             if self.engine.has_unfinished_requests():
+                stats_dirty = True
                 try:
                     outputs = self.engine.step()
                 except Exception:  # a broken step must not strand requests
@@ -95,10 +97,11 @@ class EngineLoop:
                     continue
                 for output in outputs:
                     self._deliver(output)
-            if self._on_stats and (now - last_stats >= self._stats_period_s
-                                   or not self.engine.has_unfinished_requests()):
-                self._on_stats(self.engine.stats)
-                last_stats = now
+            # Publish at most every stats period while busy, and once more on going idle.
+            idle = not self.engine.has_unfinished_requests()
+            if self._on_stats and stats_dirty and (idle or now - last_stats >= self._stats_period_s):
+                self._on_stats(self.engine.get_stats())
+                last_stats, stats_dirty = now, not idle
         self._fail_all("the model is shutting down")
 
     def _drain_inbox(self, block: bool) -> None:

@@ -42,7 +42,7 @@ class TritonPythonModel:
         }
         self.config = serving_config_from_parameters(parameters)
         engine = LLMEngine(self.config.engine)
-        self.metrics = _Metrics(args["model_name"], engine.stats)
+        self.metrics = _Metrics(args["model_name"], engine.get_stats())
         self.loop = EngineLoop(
             engine,
             cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
