@@ -21,6 +21,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.inference_mode()
     def execute(
@@ -89,4 +90,20 @@ class ModelRunner:
             context_lens = torch.tensor([item.context_len for item in decodes], device=device)
             key_pos = torch.arange(max_blocks * self.block_size, device=device)
             meta.decode_mask = (key_pos[None, :] < context_lens[:, None])[:, None, None, :]
+            meta.decode_k_buffer, meta.decode_v_buffer = self._decode_buffers(
+                len(decodes) * max_blocks)
         return meta
+
+    def _decode_buffers(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of ``num_rows`` rows of two gather buffers, grown (doubled) on demand."""
+        k_cache = self.kv_caches[0][0]
+        if self._gather_buffers is None or self._gather_buffers[0].shape[0] < num_rows:
+            rows = max(num_rows, 2 * (0 if self._gather_buffers is None
+                                      else self._gather_buffers[0].shape[0]))
+            shape = (rows, k_cache[0].numel())
+            self._gather_buffers = (
+                torch.empty(shape, dtype=k_cache.dtype, device=k_cache.device),
+                torch.empty(shape, dtype=k_cache.dtype, device=k_cache.device),
+            )
+        k_buffer, v_buffer = self._gather_buffers
+        return k_buffer[:num_rows], v_buffer[:num_rows]

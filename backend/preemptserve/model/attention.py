@@ -34,6 +34,10 @@ class AttentionMetadata:
     num_prefill_tokens: int
     decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int64, zero padded
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
+    # Reused outputs of the decode gathers, [D * max_blocks, block_size * Hkv * hd] each:
+    # fresh multi-MB tensors every layer cost more in page faults than the copy itself.
+    decode_k_buffer: torch.Tensor | None = None
+    decode_v_buffer: torch.Tensor | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -47,6 +51,16 @@ def write_kv(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows of ``cache`` (one block each) in ``block_ids`` order: [len(ids), block elems]."""
+    flat = cache.view(cache.shape[0], -1)
+    if out is None:
+        return torch.index_select(flat, 0, block_ids)
+    return torch.index_select(flat, 0, block_ids, out=out)
 
 
 def paged_attention(
@@ -72,8 +86,9 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         else:
             context_len = seg.start_position + seg.num_tokens
-            ks = k_cache[seg.block_table].view(-1, num_kv_heads, head_dim)[:context_len]
-            vs = v_cache[seg.block_table].view(-1, num_kv_heads, head_dim)[:context_len]
+            ks = gather_blocks(k_cache, seg.block_table).view(-1, num_kv_heads, head_dim)
+            vs = gather_blocks(v_cache, seg.block_table).view(-1, num_kv_heads, head_dim)
+            ks, vs = ks[:context_len], vs[:context_len]
             q_pos = torch.arange(seg.num_tokens, device=q.device) + seg.start_position
             mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(
@@ -84,8 +99,11 @@ def paged_attention(
         rows = slice(meta.num_prefill_tokens, None)
         num_decodes = meta.decode_block_tables.shape[0]
         qd = q[rows].unsqueeze(2)  # [D, Hq, 1, hd]
-        kd = k_cache[meta.decode_block_tables].view(num_decodes, -1, num_kv_heads, head_dim)
-        vd = v_cache[meta.decode_block_tables].view(num_decodes, -1, num_kv_heads, head_dim)
+        tables = meta.decode_block_tables.view(-1)
+        kd = gather_blocks(k_cache, tables, meta.decode_k_buffer)
+        vd = gather_blocks(v_cache, tables, meta.decode_v_buffer)
+        kd = kd.view(num_decodes, -1, num_kv_heads, head_dim)  # [D, L, Hkv, hd]
+        vd = vd.view(num_decodes, -1, num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
             qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask,
             enable_gqa=gqa,

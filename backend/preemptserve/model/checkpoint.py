@@ -46,9 +46,7 @@ def load_model(
         model = LlamaForCausalLM(args)
     model = model.to_empty(device=device).to(dtype)
     # The rotary tables were built on the meta device: rebuild them on the real one.
-    rotary = RotaryEmbedding(args, args.max_position_embeddings).to(device)
-    for layer in model.model.layers:
-        layer.self_attn.rotary = rotary
+    model.model.rotary = RotaryEmbedding(args, args.max_position_embeddings).to(device)
 
     params = dict(model.named_parameters())
     loaded: set[str] = set()

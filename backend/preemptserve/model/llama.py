@@ -13,9 +13,10 @@ from torch import nn
 
 from .args import LlamaArgs
 from .attention import AttentionMetadata, paged_attention, write_kv
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
         self.head_dim = args.head_dim
@@ -41,18 +42,16 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
-        self.rotary = rotary
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
-        meta: AttentionMetadata,
+        self, rotary: Rotary, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rotary)
         write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, Hq, hd]
         return self.o_proj(o.reshape(num_tokens, self.q_size))
@@ -70,18 +69,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = LlamaAttention(args, rotary)
+        self.self_attn = LlamaAttention(args)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = LlamaMLP(args)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
-        meta: AttentionMetadata,
+        self, rotary: Rotary, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        x = x + self.self_attn(rotary, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -89,8 +87,8 @@ class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        rotary = RotaryEmbedding(args, args.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, rotary) for _ in range(args.num_layers))
+        self.rotary = RotaryEmbedding(args, args.max_position_embeddings)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -111,8 +109,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        rotary = self.model.rotary.lookup(positions, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(positions, x, kv_cache, meta)
+            x = layer(rotary, x, kv_cache, meta)
         return self.model.norm(x)
 
     @torch.inference_mode()
