@@ -66,6 +66,15 @@ class ServingConfig:
     cancellation_check_period_ms: int = 50
     exclude_input_in_output: bool = True
 
+    def __post_init__(self) -> None:
+        # The engine loop waits on its inbox with this timeout: a negative one raises in
+        # that thread and zero spins while idle.
+        if self.cancellation_check_period_ms <= 0:
+            raise ValueError(
+                "cancellation_check_period_ms must be positive, "
+                f"got {self.cancellation_check_period_ms}"
+            )
+
 
 # config.pbtxt parameter name -> (section, field, parser). Names follow TensorRT-LLM's
 # backend where one exists (max_num_tokens, batch_scheduler_policy style).
