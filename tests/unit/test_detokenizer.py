@@ -233,3 +233,21 @@ def test_stop_strings_property(
         if finished:
             break
     assert sent == expected
+
+
+def test_stops_before_min_length_are_ignored_and_nothing_sent_is_taken_back(
+    tokenizer: TextTokenizer, prompt_ids: list[int]
+) -> None:
+    ids = output_ids(tokenizer, "one stop two stop three")
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, ("stop",))
+    sent = ""
+    min_length = 3  # the first " stop" arrives before three tokens exist
+    for index, token_id in enumerate(ids):
+        detok.append(token_id)
+        stopped = detok.find_stop(enabled=index + 1 >= min_length)
+        sent += detok.take_delta(stopped)
+        assert detok.text.startswith(sent)
+        if stopped:
+            break
+    assert stopped
+    assert sent == detok.text == "one stop two "

@@ -7,6 +7,10 @@ import math
 from dataclasses import dataclass, field
 
 
+# Below this, temperature scaling overflows float32 logits: treat as greedy (as vLLM does).
+_GREEDY_TEMPERATURE = 1e-5
+
+
 class RequestStatus(enum.IntEnum):
     """Ordered like vLLM's: every status above ``PREEMPTED`` is terminal."""
 
@@ -35,7 +39,7 @@ FINISH_REASONS = {
 class SamplingParams:
     """Per-request decoding settings, with TensorRT-LLM's conventions.
 
-    Greedy when ``temperature == 0``, ``top_k == 1``, or neither ``top_k`` nor ``top_p``
+    Greedy when ``temperature < 1e-5``, ``top_k == 1``, or neither ``top_k`` nor ``top_p``
     is set (``top_k == 0 and top_p == 0``, TensorRT-LLM's default).
     ``min_length`` suppresses ``end_id`` and stop words until that many tokens exist.
     """
@@ -69,7 +73,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return (
-            self.temperature == 0.0
+            self.temperature < _GREEDY_TEMPERATURE
             or self.top_k == 1
             or (self.top_k == 0 and self.top_p == 0.0)
         )

@@ -197,11 +197,8 @@ class LLMEngine:
         tracked.sampling.num_output_tokens += 1
         detok = tracked.detokenizer
         detok.append(token_id)
-        if (
-            not request.is_finished
-            and request.num_output_tokens >= request.sampling.min_length
-            and detok.find_stop()
-        ):
+        stops_enabled = request.num_output_tokens >= request.sampling.min_length
+        if not request.is_finished and detok.find_stop(enabled=stops_enabled):
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
         finished = request.is_finished
         if finished:

@@ -53,6 +53,7 @@ class IncrementalDetokenizer:
         self._hold_chars = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self._num_sent_chars = 0
+        self._stop_floor = 0  # stops may only start at or after this character
 
     def append(self, token_id: int) -> None:
         self._ids.append(token_id)
@@ -63,12 +64,19 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
 
-    def find_stop(self) -> bool:
-        """If a stop string appeared, cut the text before it and return True."""
+    def find_stop(self, enabled: bool = True) -> bool:
+        """If a stop string appeared, cut the text before it and return True.
+
+        While not ``enabled`` (``min_length`` not reached yet) stops are ignored, and text
+        produced so far can never be cut later: so none of it is held back or lost.
+        """
         if not self._stop:
             return False
+        if not enabled:
+            self._stop_floor = len(self.text)
+            return False
         # Only the unsent tail plus a stop's length can hold a new match.
-        search_from = max(0, self._num_sent_chars - self._hold_chars)
+        search_from = max(self._stop_floor, self._num_sent_chars - self._hold_chars)
         cut = min(
             (i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0),
             default=-1,
@@ -80,8 +88,8 @@ class IncrementalDetokenizer:
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet sent; holds back a possible stop-string prefix unless finished."""
-        end = len(self.text) if finished else max(self._num_sent_chars,
-                                                    len(self.text) - self._hold_chars)
+        held_from = max(self._stop_floor, len(self.text) - self._hold_chars)
+        end = len(self.text) if finished else max(self._num_sent_chars, held_from)
         delta = self.text[self._num_sent_chars : end]
         self._num_sent_chars = end
         return delta
