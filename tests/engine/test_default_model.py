@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
 from preemptserve.model.default_model import (
     BOS_TOKEN_ID,
     DEFAULT_MODEL_CONFIG,
@@ -20,8 +23,6 @@ from preemptserve.model.default_model import (
     create_default_model,
     ensure_default_model,
 )
-from safetensors import safe_open
-from tokenizers import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-
 # Below this, temperature scaling overflows float32 logits: treat as greedy (as vLLM does).
 _GREEDY_TEMPERATURE = 1e-5
 

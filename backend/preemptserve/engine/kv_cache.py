@@ -31,6 +31,9 @@ def allocate_kv_caches(
     """Per layer: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
     shape = (num_blocks, block_size, args.num_kv_heads, args.head_dim)
     return [
-        (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
         for _ in range(args.num_layers)
     ]

@@ -133,7 +133,9 @@ class LLMEngine:
         if any(not 0 <= t < self.args.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size})")
         if sampling.end_id is not None and not 0 <= sampling.end_id < self.args.vocab_size:
-            raise ValueError(f"end_id must be in [0, {self.args.vocab_size}), got {sampling.end_id}")
+            raise ValueError(
+                f"end_id must be in [0, {self.args.vocab_size}), got {sampling.end_id}"
+            )
         total = len(prompt_ids) + sampling.max_tokens
         if total > self.max_model_len:
             raise ValueError(

@@ -99,7 +99,8 @@ class EngineLoop:
                     self._deliver(output)
             # Publish at most every stats period while busy, and once more on going idle.
             idle = not self.engine.has_unfinished_requests()
-            if self._on_stats and stats_dirty and (idle or now - last_stats >= self._stats_period_s):
+            due = idle or now - last_stats >= self._stats_period_s
+            if self._on_stats and stats_dirty and due:
                 self._on_stats(self.engine.get_stats())
                 last_stats, stats_dirty = now, not idle
         self._fail_all("the model is shutting down")
