@@ -45,6 +45,8 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 40
 _TRITON_ERROR_LINE = re.compile(r"^E\d{4} ")  # glog format: E1121 19:49:36.741108 ...
+# Logged by every start on a machine without a GPU; not the cause of anything.
+_HARMLESS_ERRORS = ("CudaDriverHelper has not been initialized",)
 
 
 class TritonServerError(RuntimeError):
@@ -379,7 +381,11 @@ class TritonServer:
         if not lines:
             return f"(server log {self._log_path} is empty)"
         tail = lines[-num_lines:]
-        earlier_errors = [line for line in lines[:-num_lines] if _TRITON_ERROR_LINE.match(line)]
+        earlier_errors = [
+            line
+            for line in lines[:-num_lines]
+            if _TRITON_ERROR_LINE.match(line) and not any(h in line for h in _HARMLESS_ERRORS)
+        ]
         parts = []
         if earlier_errors:
             parts += [f"--- errors in {self._log_path} ---", *earlier_errors[-num_lines:]]
