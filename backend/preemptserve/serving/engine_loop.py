@@ -1,10 +1,11 @@
 """The serving loop: one thread owns the engine; others submit, cancel and get callbacks.
 
 Two threads, as in Triton's vLLM backend: the engine thread only steps the engine, and a
-sender thread runs the callbacks (sending a Triton response is an IPC round trip; done
-on the engine thread, 32 of them per step cost the engine a fifth of its rate).
-Callbacks of one request run in order. Every submitted request gets exactly one output
-with ``finished=True`` (a result, a cancellation, or an error), whatever happens.
+sender thread runs the callbacks and polls cancellation (sending a Triton response and
+asking ``is_cancelled()`` are IPC round trips to the server process: they stay off the
+engine thread). Callbacks of one request run in order. Every submitted request gets
+exactly one output with ``finished=True`` (a result, a cancellation, or an error),
+whatever happens.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Submission:
     sampling: SamplingParams
     on_output: OutputCallback
     is_cancelled: Callable[[], bool] | None
+    cancel_requested: bool = False
 
 
 class EngineLoop:
@@ -51,6 +53,9 @@ class EngineLoop:
         self._stats_period_s = stats_period_s
         self._outbox: queue.SimpleQueue[tuple[_Submission, RequestOutput, str | None] | None]
         self._outbox = queue.SimpleQueue()
+        # Requests whose final output has not been sent yet, for the cancellation poll.
+        self._unsent: dict[str, _Submission] = {}
+        self._unsent_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sender = threading.Thread(target=self._send, name="response-sender", daemon=True)
@@ -68,8 +73,11 @@ class EngineLoop:
     ) -> str:
         """Queue a request; returns its internal id. Never raises for bad input."""
         request_id = uuid.uuid4().hex
-        self._inbox.put(("submit", _Submission(request_id, prompt, sampling, on_output,
-                                               is_cancelled)))
+        sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled)
+        if is_cancelled is not None:
+            with self._unsent_lock:
+                self._unsent[request_id] = sub
+        self._inbox.put(("submit", sub))
         return request_id
 
     def cancel(self, request_id: str) -> None:
@@ -86,14 +94,11 @@ class EngineLoop:
     # -- the loop thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        last_cancel_check = last_stats = time.monotonic()
+        last_stats = time.monotonic()
         stats_dirty = True
         while not self._stop.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished_requests())
             now = time.monotonic()
-            if now - last_cancel_check >= self._cancel_period_s:
-                self._check_cancelled()
-                last_cancel_check = now
             if self.engine.has_unfinished_requests():
                 stats_dirty = True
                 try:
@@ -114,7 +119,7 @@ class EngineLoop:
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            kind, item = self._inbox.get(timeout=self._cancel_period_s) if block \
+            kind, item = self._inbox.get(timeout=self._stats_period_s) if block \
                 else self._inbox.get_nowait()
         except queue.Empty:
             return
@@ -142,11 +147,6 @@ class EngineLoop:
         if sub is not None and output is not None:
             self._call(sub, output, None)
 
-    def _check_cancelled(self) -> None:
-        for request_id, sub in list(self._active.items()):
-            if sub.is_cancelled is not None and sub.is_cancelled():
-                self._abort(request_id)
-
     def _deliver(self, output: RequestOutput) -> None:
         sub = self._active.get(output.request_id)
         if sub is None:
@@ -167,14 +167,38 @@ class EngineLoop:
     # -- the sender thread -----------------------------------------------------------------
 
     def _send(self) -> None:
-        while (item := self._outbox.get()) is not None:
-            sub, output, error = item
+        next_check = time.monotonic() + self._cancel_period_s
+        while True:
             try:
-                sub.on_output(output, error)
-            except Exception:
-                logger.exception("response callback failed for request %s", sub.request_id)
-                if not output.finished:  # nobody can receive the rest: stop generating
-                    self.cancel(sub.request_id)
+                item = self._outbox.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                self._send_one(*item)
+            if time.monotonic() >= next_check:
+                self._check_cancelled()
+                next_check = time.monotonic() + self._cancel_period_s
+
+    def _send_one(self, sub: _Submission, output: RequestOutput, error: str | None) -> None:
+        if output.finished:
+            with self._unsent_lock:
+                self._unsent.pop(sub.request_id, None)
+        try:
+            sub.on_output(output, error)
+        except Exception:
+            logger.exception("response callback failed for request %s", sub.request_id)
+            if not output.finished:  # nobody can receive the rest: stop generating
+                self.cancel(sub.request_id)
+
+    def _check_cancelled(self) -> None:
+        with self._unsent_lock:
+            subs = list(self._unsent.values())
+        for sub in subs:
+            if not sub.cancel_requested and sub.is_cancelled is not None and sub.is_cancelled():
+                sub.cancel_requested = True
+                self.cancel(sub.request_id)
 
 
 def _final(request_id: str, reason: str) -> RequestOutput:
