@@ -66,7 +66,7 @@ from preemptserve.config import EngineConfig, serving_config_from_parameters
 from preemptserve.core.request import SamplingParams
 from preemptserve.engine import model_runner
 from preemptserve.engine.llm_engine import LLMEngine
-from preemptserve.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from preemptserve.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 logger = logging.getLogger("bench_throughput")
 

@@ -98,4 +98,4 @@ fi
 
 # 4. Triton Python backend stub -----------------------------------------------------------
 run_logged "preparing the Triton Python backend" "$VENV/bin/python" -c \
-    'from preemptserve.launcher import prepare_python_backend; prepare_python_backend()'
+    'from preemptserve.triton_server import prepare_python_backend; prepare_python_backend()'

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from preemptserve import launcher
-from preemptserve.launcher import TritonPaths, TritonServer, TritonServerError
+from preemptserve import triton_server
+from preemptserve.triton_server import TritonPaths, TritonServer, TritonServerError
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def fake_paths(tmp_path: Path) -> TritonPaths:
 
 
 def test_find_free_ports_are_distinct_and_bindable() -> None:
-    ports = launcher.find_free_ports(3)
+    ports = triton_server.find_free_ports(3)
     assert len(set(ports)) == 3
     for port in ports:
         with socket.socket() as sock:
@@ -58,7 +58,7 @@ def test_unset_ports_are_picked_and_set_ones_kept(tmp_path: Path) -> None:
 def test_wildcard_host_gives_loopback_urls(tmp_path: Path) -> None:
     server = TritonServer(tmp_path, 1, 2, 3, host="0.0.0.0")
     assert server.grpc_url == "127.0.0.1:2"
-    assert "--grpc-address=0.0.0.0" in server.command(launcher.find_triton())
+    assert "--grpc-address=0.0.0.0" in server.command(triton_server.find_triton())
 
 
 def test_command_binds_the_given_host_and_ports(tmp_path: Path, fake_paths: TritonPaths) -> None:
@@ -81,7 +81,7 @@ def test_command_binds_the_given_host_and_ports(tmp_path: Path, fake_paths: Trit
 
 def test_build_env_puts_libraries_and_python_first(fake_paths: TritonPaths) -> None:
     base = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": "/opt/lib", "HOME": "/root"}
-    env = launcher.build_env(fake_paths, base, python_prefix="/venv")
+    env = triton_server.build_env(fake_paths, base, python_prefix="/venv")
     assert env["PATH"].split(os.pathsep) == ["/venv/bin", "/usr/bin", "/bin"]
     lib_dirs = env["LD_LIBRARY_PATH"].split(os.pathsep)
     assert lib_dirs[0] == str(fake_paths.libs_dir)
@@ -92,30 +92,30 @@ def test_build_env_puts_libraries_and_python_first(fake_paths: TritonPaths) -> N
 
 
 def test_build_env_does_not_repeat_entries(fake_paths: TritonPaths) -> None:
-    once = launcher.build_env(fake_paths, {"PATH": "/bin"}, python_prefix="/venv")
-    twice = launcher.build_env(fake_paths, once, python_prefix="/venv")
+    once = triton_server.build_env(fake_paths, {"PATH": "/bin"}, python_prefix="/venv")
+    twice = triton_server.build_env(fake_paths, once, python_prefix="/venv")
     assert twice["PATH"] == once["PATH"]
     assert twice["LD_LIBRARY_PATH"] == once["LD_LIBRARY_PATH"]
 
 
 def test_prepare_python_backend_copies_the_matching_stub(fake_paths: TritonPaths) -> None:
-    installed = launcher.prepare_python_backend(fake_paths, "3.11")
+    installed = triton_server.prepare_python_backend(fake_paths, "3.11")
     assert installed == fake_paths.installed_stub
     assert installed.read_bytes() == b"stub 3.11"
     assert os.access(installed, os.X_OK)
-    launcher.prepare_python_backend(fake_paths, "3.10")  # another version replaces it
+    triton_server.prepare_python_backend(fake_paths, "3.10")  # another version replaces it
     assert installed.read_bytes() == b"stub 3.10"
 
 
 def test_prepare_python_backend_names_available_versions(fake_paths: TritonPaths) -> None:
     with pytest.raises(TritonServerError, match=r"Python 3\.99 .*available: 3\.10, 3\.11"):
-        launcher.prepare_python_backend(fake_paths, "3.99")
+        triton_server.prepare_python_backend(fake_paths, "3.99")
 
 
 def test_find_triton_locates_the_installed_wheel() -> None:
-    paths = launcher.find_triton()
+    paths = triton_server.find_triton()
     assert os.access(paths.server_bin, os.X_OK)
-    assert paths.stub_for(launcher.current_python_version()).is_file()
+    assert paths.stub_for(triton_server.current_python_version()).is_file()
 
 
 def test_missing_repository_is_reported_before_starting(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_broken_model_fails_fast_with_the_log_tail(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     (tmp_path / "repo").mkdir()
-    http_port, grpc_port, metrics_port = launcher.find_free_ports(3)
+    http_port, grpc_port, metrics_port = triton_server.find_free_ports(3)
     cli = subprocess.Popen(
         [
             sys.executable,

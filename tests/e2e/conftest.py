@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
-from preemptserve.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonServerError
+from preemptserve.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "client"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,7 +58,6 @@ class _Tracked:
     request: Request
     sampling: SamplingState
     detokenizer: IncrementalDetokenizer
-    outputs: list[int] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +142,7 @@ class LLMEngine:
                 f"{total} exceeds the maximum context of {self.max_model_len} tokens"
             )
         if sampling.end_id is None and self.eos_token_id is not None:
-            sampling = _with_end_id(sampling, self.eos_token_id)
+            sampling = replace(sampling, end_id=self.eos_token_id)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -238,8 +237,3 @@ class LLMEngine:
                 texts[out.request_id] += out.text
         return [texts[i] for i in ids]
 
-
-def _with_end_id(sampling: SamplingParams, end_id: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sampling, end_id=end_id)
