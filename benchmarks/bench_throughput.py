@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import logging
@@ -50,7 +51,9 @@ import re
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -560,6 +563,89 @@ def run_triton(
     return TritonRun(wall_s, n * len(prompts), texts)
 
 
+def process_tree_cpu_s(root_pid: int) -> float:
+    """User + system CPU seconds of ``root_pid`` and its descendants, all threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+def run_engine_closed_loop(
+    engine: LLMEngine, prompts: list[list[int]], workload: Workload, num_requests: int
+) -> float:
+    """Keep ``len(prompts)`` requests in flight, refilling as each ends; tokens/s.
+
+    The in-process counterpart of perf_analyzer's ``--concurrency-range C``.
+    """
+    run_id = next(_run_counter)
+    num_started = num_tokens = 0
+
+    def start_one() -> None:
+        nonlocal num_started
+        prompt = prompts[num_started % len(prompts)]
+        engine.add_request(f"closed{run_id}-{num_started}", prompt, workload.sampling)
+        num_started += 1
+
+    start = time.perf_counter()
+    for _ in range(min(len(prompts), num_requests)):
+        start_one()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            num_tokens += 1
+            if out.finished and num_started < num_requests:
+                start_one()
+    wall_s = time.perf_counter() - start
+    if num_tokens != num_requests * workload.num_output_tokens:
+        raise RuntimeError(f"closed loop produced {num_tokens} tokens")
+    return num_tokens / wall_s
+
+
+def run_perf_analyzer(
+    grpc_url: str, prompts: list[str], workload: Workload, concurrency: int,
+    measurement_ms: int, workdir: Path,
+) -> dict[str, float]:
+    """perf_analyzer --streaming at a fixed concurrency on the same prompts.
+
+    One response per token, so its "Response Throughput" is generated tokens/s.
+    """
+    n = workload.num_output_tokens
+    data = {"data": [{"text_input": [p], "max_tokens": [n], "min_length": [n],
+                      "stream": [True], "exclude_input_in_output": [True]} for p in prompts]}
+    inputs = workdir / "perf_inputs.json"
+    inputs.write_text(json.dumps(data))
+    report = workdir / "perf.csv"
+    script = Path(__file__).resolve().parents[1] / "client" / "run_perf_analyzer.sh"
+    env = {**os.environ, "PERF_URL": grpc_url, "PERF_INPUT_DATA": str(inputs),
+           "PERF_MEASUREMENT_MS": str(measurement_ms)}
+    proc = subprocess.run(
+        [str(script), "--concurrency-range", str(concurrency), "-f", str(report),
+         "--max-trials", "3", "--stability-percentage", "999"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    row = next(csv.DictReader(report.open()))
+    return {"responses_per_s": float(row["Response Throughput"]),
+            "requests_per_s": float(row["Inferences/Second"])}
+
+
 # -- output -----------------------------------------------------------------------------
 
 
@@ -631,6 +717,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="torch threads here and in the server (OMP_NUM_THREADS); "
                         "default: torch's default")
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument("--perf-measurement-ms", type=int, default=8000,
+                        help="perf_analyzer measurement window (ms)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--format", choices=["rich", "plain", "markdown"], default="rich",
                         help="table style (rich falls back to plain if not installed)")
@@ -790,12 +878,27 @@ def bench_triton(
             run_triton(server.grpc_url, texts, workload, timeout_s)  # warm-up
             engine_runs, triton_runs, unstreamed_runs = [], [], []
             run_engine(engine, recorder, prompts, workload)  # warm-up
+            engine_cpu_s = server_cpu_s = 0.0
             for _ in range(args.repeats):
+                cpu_start = time.process_time()
                 engine_runs.append(run_engine(engine, recorder, prompts, workload))
+                engine_cpu_s += time.process_time() - cpu_start
+                cpu_start = process_tree_cpu_s(server.pid or 0)
                 triton_runs.append(run_triton(server.grpc_url, texts, workload, timeout_s))
+                server_cpu_s += process_tree_cpu_s(server.pid or 0) - cpu_start
                 # Diagnostic: the same requests with one response each instead of N.
                 unstreamed_runs.append(
                     run_triton(server.grpc_url, texts, workload, timeout_s, stream=False))
+            # Steady state with perf_analyzer's C++ client (far less client CPU on this
+            # machine's 2 cores than Python's) against the same closed loop in process.
+            closed_engine, closed_perf = [], []
+            with tempfile.TemporaryDirectory() as workdir:
+                for _ in range(args.repeats):
+                    closed_engine.append(run_engine_closed_loop(
+                        engine, prompts, workload, num_requests=4 * len(prompts)))
+                    closed_perf.append(run_perf_analyzer(
+                        server.grpc_url, texts, workload, args.concurrency,
+                        args.perf_measurement_ms, Path(workdir))["responses_per_s"])
         except Exception:
             logger.error("Triton benchmark failed\n%s", server.log_tail())
             raise
@@ -813,6 +916,15 @@ def bench_triton(
         "unstreamed_tokens_per_s": unstreamed_tps,
         "unstreamed_ratio_of_medians": median(unstreamed_tps) / median(engine_tps),
         "unstreamed_same_text_as_engine": unstreamed_runs[-1].texts == engine_runs[-1].texts,
+        # CPU seconds per generated token: the serving path's own cost, without the
+        # client's, which shares this machine's cores during the wall-clock runs.
+        "engine_cpu_s_per_token": engine_cpu_s / sum(r.num_tokens for r in engine_runs),
+        "server_cpu_s_per_token": server_cpu_s / sum(r.num_tokens for r in triton_runs),
+        "closed_loop_engine_tokens_per_s": closed_engine,
+        "perf_analyzer_tokens_per_s": closed_perf,
+        "perf_analyzer_pair_ratios": [t / e for t, e in zip(closed_perf, closed_engine,
+                                                            strict=True)],
+        "perf_analyzer_ratio_of_medians": median(closed_perf) / median(closed_engine),
     }
 
 
@@ -913,6 +1025,26 @@ def report(result: dict[str, Any], per_batch: dict[int, dict[str, Any]],
                     "(generated tokens/s; runs interleaved)",
                     ["path", "tokens/s", "of in-process", "per-pair ratios", "same text"],
                     rows, fmt)
+        engine_cpu, server_cpu = (triton["engine_cpu_s_per_token"],
+                                  triton["server_cpu_s_per_token"])
+        print_table(
+            "CPU time per generated token (stream=true runs; the client's CPU excluded)",
+            ["path", "CPU ms/token", "in-process / Triton"],
+            [["in-process engine (this process)", ms(engine_cpu), "100%"],
+             ["tritonserver + Python backend stub", ms(server_cpu),
+              pct(engine_cpu / server_cpu)]],
+            fmt)
+        closed = median(triton["closed_loop_engine_tokens_per_s"])
+        print_table(
+            f"Steady state: concurrency {triton['concurrency']} kept full (closed loop), "
+            "generated tokens/s; runs interleaved",
+            ["path", "tokens/s", "of in-process", "per-pair ratios"],
+            [["in-process engine, closed loop", f0(closed), "100%", ""],
+             ["Triton, perf_analyzer --streaming (C++ client)",
+              f0(median(triton["perf_analyzer_tokens_per_s"])),
+              pct(triton["perf_analyzer_ratio_of_medians"]),
+              ", ".join(pct(r) for r in triton["perf_analyzer_pair_ratios"])]],
+            fmt)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from preemptserve.config import serving_config_from_parameters
@@ -52,7 +53,7 @@ class TritonPythonModel:
         self.logger.log_info(
             f"preemptserve: model {engine.model_dir} on {engine.device}, "
             f"policy {self.config.engine.scheduler.policy}, "
-            f"{engine.block_manager.num_blocks} KV blocks"
+            f"{engine.block_manager.num_blocks} KV blocks, {torch.get_num_threads()} torch threads"
         )
 
     def execute(self, requests):
