@@ -16,8 +16,26 @@ class SchedulerConfig:
     policy: str = "fcfs"
     max_batch_size: int = 32
     max_num_batched_tokens: int = 512
+    # skip_join_mlfq: quantum of queue i is base * ratio**i; a job idle for the
+    # starvation threshold goes back to the top queue.
+    mlfq_base_quantum_s: float = 0.05
+    mlfq_quantum_ratio: float = 2.0
+    mlfq_num_queues: int = 6
+    mlfq_starvation_threshold_s: float = 5.0
+    # Share of device KV blocks kept free for arrivals by proactive offload.
+    kv_reserve_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.mlfq_base_quantum_s <= 0 or self.mlfq_quantum_ratio < 1:
+            raise ValueError("need mlfq_base_quantum_ms > 0 and mlfq_quantum_ratio >= 1")
+        if self.mlfq_num_queues < 1:
+            raise ValueError(f"mlfq_num_queues must be >= 1, got {self.mlfq_num_queues}")
+        if self.mlfq_starvation_threshold_s <= 0:
+            raise ValueError("mlfq_starvation_threshold_ms must be positive")
+        if not 0.0 <= self.kv_reserve_fraction < 1.0:
+            raise ValueError(
+                f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}"
+            )
         if self.max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_num_batched_tokens <= 0:
@@ -32,8 +50,13 @@ class CacheConfig:
 
     kv_cache_bytes: int = 256 * 2**20
     block_size: int = 16
+    # Host (pinned when CUDA is present) block pool for swapped-out KV; 0 disables it.
+    host_kv_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.host_kv_cache_bytes < 0:
+            raise ValueError(
+                f"kv_cache_host_memory_bytes must be >= 0, got {self.host_kv_cache_bytes}")
         if self.block_size <= 0:
             raise ValueError(f"kv_block_size must be positive, got {self.block_size}")
         if self.kv_cache_bytes <= 0:
@@ -48,6 +71,8 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "float32"
     max_model_len: int | None = None
+    # Saved prefill profile (JSON); empty: measure at startup (policies that need one).
+    prefill_profile_path: str = ""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -87,6 +112,10 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
+def _milliseconds(text: str) -> float:
+    return float(text) / 1000.0
+
+
 _PARAMETERS = {
     "model_dir": ("engine", "model_dir", str),
     "device": ("engine", "device", str),
@@ -97,6 +126,13 @@ _PARAMETERS = {
     "max_num_tokens": ("scheduler", "max_num_batched_tokens", int),
     "kv_cache_bytes": ("cache", "kv_cache_bytes", int),
     "kv_block_size": ("cache", "block_size", int),
+    "kv_cache_host_memory_bytes": ("cache", "host_kv_cache_bytes", int),
+    "kv_reserve_fraction": ("scheduler", "kv_reserve_fraction", float),
+    "mlfq_base_quantum_ms": ("scheduler", "mlfq_base_quantum_s", _milliseconds),
+    "mlfq_quantum_ratio": ("scheduler", "mlfq_quantum_ratio", float),
+    "mlfq_num_queues": ("scheduler", "mlfq_num_queues", int),
+    "mlfq_starvation_threshold_ms": ("scheduler", "mlfq_starvation_threshold_s", _milliseconds),
+    "prefill_profile_path": ("engine", "prefill_profile_path", str),
     "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
     "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),
 }

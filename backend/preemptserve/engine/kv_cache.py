@@ -26,14 +26,18 @@ def num_blocks_for_budget(
 
 
 def allocate_kv_caches(
-    args: LlamaArgs, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+    args: LlamaArgs, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
+    pin_memory: bool = False,
 ) -> list[KVCache]:
-    """Per layer: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
+    """Per layer: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed.
+
+    ``pin_memory`` (host pool beside a CUDA device) page-locks it for async copies.
+    """
     shape = (num_blocks, block_size, args.num_kv_heads, args.head_dim)
     return [
         (
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin_memory),
+            torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin_memory),
         )
         for _ in range(args.num_layers)
     ]

@@ -14,12 +14,15 @@ import torch
 
 from ..config import EngineConfig
 from ..core.block_manager import BlockManager
+from ..core.cost_model import CostModel, PrefillProfile
 from ..core.request import FINISH_REASONS, Request, RequestStatus, SamplingParams
-from ..core.scheduler import Scheduler, create_scheduler
+from ..core.scheduler import Scheduler, create_scheduler, policy_class
 from ..model.args import LlamaArgs
 from ..model.checkpoint import load_model
 from .kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
+from .kv_swap import KVSwapper
 from .model_runner import ModelRunner
+from .profiling import measure_prefill_profile
 from .sampler import SamplingState
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -51,6 +54,13 @@ class EngineStats:
     num_preemptions_total: int = 0
     num_generated_tokens_total: int = 0
     last_step_s: float = 0.0
+    num_host_blocks_used: int = 0
+    num_host_blocks_total: int = 0
+    num_swap_outs_total: int = 0
+    num_swap_ins_total: int = 0
+    swap_out_bytes_total: int = 0
+    swap_in_bytes_total: int = 0
+    swap_time_s_total: float = 0.0
 
 
 @dataclass
@@ -91,23 +101,45 @@ class LLMEngine:
         num_blocks = num_blocks_for_budget(
             self.args, block_size, self.dtype, config.cache.kv_cache_bytes
         )
-        self.block_manager = BlockManager(num_blocks, block_size)
+        block_bytes = bytes_per_block(self.args, block_size, self.dtype)
+        num_host_blocks = config.cache.host_kv_cache_bytes // block_bytes
+        self.block_manager = BlockManager(num_blocks, block_size, num_host_blocks)
         kv_caches = allocate_kv_caches(self.args, num_blocks, block_size, self.device, self.dtype)
+        host_caches = allocate_kv_caches(
+            self.args, num_host_blocks, block_size, torch.device("cpu"), self.dtype,
+            pin_memory=self.device.type == "cuda",
+        )
         self.runner = ModelRunner(self.model, kv_caches, block_size, self.device)
-        self.scheduler: Scheduler = create_scheduler(config.scheduler, self.block_manager)
+        self.swapper = KVSwapper(kv_caches, host_caches, self.device)
         self.max_model_len = min(
             config.max_model_len or self.args.max_position_embeddings,
             self.args.max_position_embeddings,
             num_blocks * block_size,
         )
+        self.cost_model = self._cost_model()
+        self.scheduler: Scheduler = create_scheduler(
+            config.scheduler, self.block_manager, cost_model=self.cost_model)
         self._tracked: dict[str, _Tracked] = {}
         self._num_generated_tokens_total = 0
         self._last_step_s = 0.0
         logger.info(
-            "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB), max_model_len=%d",
-            config.scheduler.policy, num_blocks, block_size,
-            num_blocks * bytes_per_block(self.args, block_size, self.dtype) / 2**20,
+            "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB) on %s, "
+            "%d host blocks (%.1f MiB), max_model_len=%d",
+            config.scheduler.policy, num_blocks, block_size, num_blocks * block_bytes / 2**20,
+            self.device, num_host_blocks, num_host_blocks * block_bytes / 2**20,
             self.max_model_len,
+        )
+
+    def _cost_model(self) -> CostModel | None:
+        """A saved prefill profile, or one measured now if the policy needs it."""
+        if self.config.prefill_profile_path:
+            return PrefillProfile.load(self.config.prefill_profile_path)
+        if not policy_class(self.config.scheduler.policy).requires_cost_model:
+            return None
+        return measure_prefill_profile(
+            self.runner, self.block_manager,
+            max_tokens=min(self.max_model_len, self.config.scheduler.max_num_batched_tokens),
+            vocab_size=self.args.vocab_size,
         )
 
     @property
@@ -180,15 +212,18 @@ class LLMEngine:
         """Schedule, execute and post-process one iteration."""
         start = time.perf_counter()
         output = self.scheduler.schedule()
+        self.swapper.execute(output)
         results: list[RequestOutput] = []
+        sampled: dict[str, int] = {}
         if not output.is_empty:
             states = {item.request_id: self._tracked[item.request_id].sampling
                       for item in output.scheduled if item.sample}
             sampled = self.runner.execute(output, states)
-            self.scheduler.update_from_output(output, sampled)
-            for request_id, token_id in sampled.items():
-                results.append(self._process_token(request_id, token_id))
+        # The iteration's measured time is the service each scheduled job received.
         self._last_step_s = time.perf_counter() - start
+        self.scheduler.update_from_output(output, sampled, self._last_step_s)
+        for request_id, token_id in sampled.items():
+            results.append(self._process_token(request_id, token_id))
         self._num_generated_tokens_total += len(results)
         return results
 
@@ -224,6 +259,13 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
             last_step_s=self._last_step_s,
+            num_host_blocks_used=self.block_manager.num_used_host_blocks,
+            num_host_blocks_total=self.block_manager.num_host_blocks,
+            num_swap_outs_total=self.swapper.stats.num_swap_outs,
+            num_swap_ins_total=self.swapper.stats.num_swap_ins,
+            swap_out_bytes_total=self.swapper.stats.bytes_out,
+            swap_in_bytes_total=self.swapper.stats.bytes_in,
+            swap_time_s_total=self.swapper.stats.time_s,
         )
 
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:

@@ -1,15 +1,17 @@
 """Scheduling policies. Importing this package registers every built-in policy."""
 
-from . import fcfs  # noqa: F401  (registers "fcfs")
+from . import fcfs, mlfq  # noqa: F401  (registers "fcfs", "skip_join_mlfq")
 from .base import Scheduler
-from .output import ScheduledRequest, SchedulerOutput
-from .registry import available_policies, create_scheduler, register_policy
+from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from .registry import available_policies, create_scheduler, policy_class, register_policy
 
 __all__ = [
+    "BlockSwap",
     "ScheduledRequest",
     "Scheduler",
     "SchedulerOutput",
     "available_policies",
     "create_scheduler",
+    "policy_class",
     "register_policy",
 ]

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from ...config import SchedulerConfig
 from ..block_manager import BlockManager
+from ..cost_model import CostModel
 from ..request import Request, RequestStatus
 from .output import ScheduledRequest, SchedulerOutput
 
@@ -29,16 +30,20 @@ class Scheduler(ABC):
     """Decides, each iteration, which requests run and how many tokens each feeds."""
 
     policy_name: ClassVar[str] = ""
+    # Policies that estimate prefill time get the engine's measured profile.
+    requires_cost_model: ClassVar[bool] = False
 
     def __init__(
         self,
         config: SchedulerConfig,
         block_manager: BlockManager,
         clock: Clock = time.monotonic,
+        cost_model: CostModel | None = None,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
         self.clock = clock
+        self.cost_model = cost_model
         self.requests: dict[str, Request] = {}
         self.num_preemptions_total = 0
         self._step_id = 0
@@ -133,12 +138,17 @@ class Scheduler(ABC):
     # -- results -------------------------------------------------------------------------
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Mapping[str, int],
+        step_time_s: float | None = None,
     ) -> list[Request]:
         """Advance progress with the step's results; return requests that finished.
 
-        Finishing here covers ``max_tokens`` and ``end_id`` (after ``min_length``).
-        Stop words need text and are applied by the engine via ``finish_request``.
+        ``step_time_s`` is the measured time of the iteration (policies that account
+        service time use it). Finishing here covers ``max_tokens`` and ``end_id`` (after
+        ``min_length``). Stop words need text and are applied by the engine via
+        ``finish_request``.
         """
         finished: list[Request] = []
         for item in output.scheduled:

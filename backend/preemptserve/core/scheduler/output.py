@@ -36,12 +36,33 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class BlockSwap:
+    """Copy one request's KV blocks between tiers: ``(source_id, destination_id)`` pairs.
+
+    In ``swap_out`` the source is a device block and the destination a host block; in
+    ``swap_in`` the reverse. ``blocking`` swap-outs vacate blocks that this iteration
+    reuses: the forward pass must wait for them. Other swap-outs may overlap the forward.
+    A swapped-in request that is also scheduled must wait for its own swap-in.
+    """
+
+    request_id: str
+    block_pairs: tuple[tuple[int, int], ...]
+    blocking: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_pairs)
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
-    """Which requests run this iteration and which lost their place."""
+    """Which requests run this iteration, which lost their place, and what moves tiers."""
 
     step_id: int
     scheduled: tuple[ScheduledRequest, ...]
     preempted_ids: tuple[str, ...] = ()
+    swap_out: tuple[BlockSwap, ...] = ()
+    swap_in: tuple[BlockSwap, ...] = ()
 
     @property
     def num_batched_tokens(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ...config import SchedulerConfig
 from ..block_manager import BlockManager
+from ..cost_model import CostModel
 from .base import Clock, Scheduler
 
 _POLICIES: dict[str, type[Scheduler]] = {}
@@ -26,16 +27,23 @@ def available_policies() -> list[str]:
     return sorted(_POLICIES)
 
 
-def create_scheduler(
-    config: SchedulerConfig, block_manager: BlockManager, clock: Clock | None = None
-) -> Scheduler:
-    """Instantiate the policy named by ``config.policy``; ``ValueError`` if unknown."""
+def policy_class(name: str) -> type[Scheduler]:
     try:
-        cls = _POLICIES[config.policy]
+        return _POLICIES[name]
     except KeyError:
         raise ValueError(
-            f"unknown scheduler policy {config.policy!r}; available: {available_policies()}"
+            f"unknown scheduler policy {name!r}; available: {available_policies()}"
         ) from None
+
+
+def create_scheduler(
+    config: SchedulerConfig,
+    block_manager: BlockManager,
+    clock: Clock | None = None,
+    cost_model: CostModel | None = None,
+) -> Scheduler:
+    """Instantiate the policy named by ``config.policy``; ``ValueError`` if unknown."""
+    cls = policy_class(config.policy)
     if clock is None:
-        return cls(config, block_manager)
-    return cls(config, block_manager, clock)
+        return cls(config, block_manager, cost_model=cost_model)
+    return cls(config, block_manager, clock, cost_model)

@@ -1,0 +1,272 @@
+"""``skip_join_mlfq``: FastServe's skip-join multi-level feedback queue.
+
+Queues ``Q0..Qn-1``; the quantum of ``Qi`` is ``base * ratio**i``. A new job joins the
+highest queue whose quantum covers its estimated prefill time (higher queues are skipped,
+so a long prompt is not demoted through every level). Each iteration a job runs adds the
+iteration's measured time to its attained service; past its queue's quantum it is demoted
+one level. A job that has not run for the starvation threshold returns to ``Q0``.
+
+Every iteration the batch is refilled from the highest queue down (preemption at every
+iteration boundary, at token granularity). A preempted job keeps its KV on the device
+while it fits; proactive offload keeps a reserve of free device blocks by swapping the
+jobs with the largest estimated next scheduled time (ENST) to host memory, and prefetches
+the smallest-ENST jobs back when there is room, never in a round that swapped out.
+Recomputation is the fallback only when the host tier is full.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from ..request import Request, RequestStatus
+from .base import Scheduler
+from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from .registry import register_policy
+
+
+@dataclass(eq=False)
+class _Job:
+    request: Request
+    level: int
+    seq: int  # order of arrival in its current level
+    attained_s: float = 0.0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Priority: smaller runs first."""
+        return (self.level, self.seq)
+
+
+@register_policy("skip_join_mlfq")
+class SkipJoinMLFQScheduler(Scheduler):
+    requires_cost_model = True
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        if self.cost_model is None:
+            raise ValueError("skip_join_mlfq needs a prefill cost model")
+        cfg = self.config
+        self.quanta_s = [cfg.mlfq_base_quantum_s * cfg.mlfq_quantum_ratio**i
+                         for i in range(cfg.mlfq_num_queues)]
+        self.reserve_blocks = int(cfg.kv_reserve_fraction * self.block_manager.num_blocks)
+        self._levels: list[dict[str, _Job]] = [{} for _ in self.quanta_s]
+        self._jobs: dict[str, _Job] = {}
+        self._running: set[str] = set()
+        # Insertion order is idle order: the first entries have waited longest.
+        self._idle_since: dict[str, float] = {}
+        self._seq = itertools.count()
+        self.num_swap_outs = self.num_swap_ins = 0
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
+        self.num_promotions = self.num_demotions = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._jobs) - len(self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def level_of(self, request_id: str) -> int:
+        return self._jobs[request_id].level
+
+    def queue_lengths(self) -> list[int]:
+        return [len(level) for level in self._levels]
+
+    def _enqueue_new(self, request: Request) -> None:
+        assert self.cost_model is not None
+        t_init = self.cost_model.prefill_time_s(request.num_prompt_tokens)
+        level = next((i for i, q in enumerate(self.quanta_s) if q >= t_init),
+                     len(self.quanta_s) - 1)
+        job = _Job(request, level, next(self._seq))
+        self._jobs[request.request_id] = job
+        self._levels[level][request.request_id] = job
+        self._idle_since[request.request_id] = self.clock()
+
+    def _remove(self, request: Request) -> None:
+        job = self._jobs.pop(request.request_id, None)
+        if job is not None:
+            del self._levels[job.level][request.request_id]
+        self._running.discard(request.request_id)
+        self._idle_since.pop(request.request_id, None)
+
+    def _move(self, job: _Job, level: int) -> None:
+        request_id = job.request.request_id
+        del self._levels[job.level][request_id]
+        job.level, job.seq, job.attained_s = level, next(self._seq), 0.0
+        self._levels[level][request_id] = job
+
+    def _priority_order(self) -> Iterator[_Job]:
+        for level in self._levels:
+            yield from level.values()
+
+    def _promote_starved(self, now: float) -> None:
+        threshold = self.config.mlfq_starvation_threshold_s
+        starved = list(itertools.takewhile(
+            lambda item: now - item[1] >= threshold, self._idle_since.items()))
+        for request_id, _ in starved:
+            self._move(self._jobs[request_id], 0)
+            # Restart its idle clock, or it would be promoted again every iteration.
+            del self._idle_since[request_id]
+            self._idle_since[request_id] = now
+            self.num_promotions += 1
+
+    def _enst_s(self, job: _Job, now: float) -> float:
+        """Estimated next scheduled time: promotion or the higher queues' quanta, sooner."""
+        idle_s = now - self._idle_since.get(job.request.request_id, now)
+        t_promote = max(0.0, self.config.mlfq_starvation_threshold_s - idle_s)
+        ahead_s = sum(len(self._levels[i]) * self.quanta_s[i] for i in range(job.level))
+        return min(t_promote, ahead_s / self.config.max_batch_size)
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        bm.commit_pending()
+        now = self.clock()
+        self._promote_starved(now)
+        plan = _Plan()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Fill from the highest queue down until the batch, the budget or memory ends.
+        #    Once a job without KV cannot get blocks, no later one can: only jobs that
+        #    already hold KV (they need at most a block more) are still tried, in order.
+        blocked = False
+        for job in self._priority_order():
+            if len(plan.selected) >= self.config.max_batch_size or budget <= 0:
+                break
+            item = self._try_select(job, min(job.request.num_uncomputed_tokens, budget), plan)
+            if item is not None:
+                budget -= item.num_tokens
+            elif not bm.has_blocks(job.request.request_id):
+                blocked = True
+                break
+        if blocked:
+            for job in sorted(self._resident_idle(plan), key=lambda j: j.key):
+                if len(plan.selected) >= self.config.max_batch_size or budget <= 0:
+                    break
+                num_tokens = min(job.request.num_uncomputed_tokens, budget)
+                if self._try_select(job, num_tokens, plan) is not None:
+                    budget -= num_tokens
+
+        # 2. Proactive offload: keep the reserve free for arrivals.
+        if bm.num_free_blocks < self.reserve_blocks:
+            for job in sorted(self._resident_idle(plan), key=lambda j: -self._enst_s(j, now)):
+                if bm.num_free_blocks + bm.num_pending_blocks >= self.reserve_blocks:
+                    break
+                if not self._swap_out(job, plan, reuse_now=False):
+                    break  # host tier full: keep the rest resident
+        # 3. Prefetch, never in a round that swapped out (no ping-pong).
+        if not plan.swap_out:
+            for request_id in sorted(bm.host_owners(),
+                                     key=lambda r: self._enst_s(self._jobs[r], now)):
+                needed = bm.num_host_blocks_of(request_id)
+                if bm.num_free_blocks - needed < self.reserve_blocks:
+                    break
+                self._swap_in(self._jobs[request_id], plan)
+
+        preempted = [rid for rid in self._running if rid not in plan.selected]
+        for request_id in preempted:
+            self._jobs[request_id].request.status = RequestStatus.PREEMPTED
+            self._idle_since[request_id] = now
+        for request_id in plan.selected:
+            self._idle_since.pop(request_id, None)
+        self._running = set(plan.selected)
+        return SchedulerOutput(
+            step_id=self._next_step_id(),
+            scheduled=tuple(plan.selected.values()),
+            preempted_ids=tuple(preempted),
+            swap_out=tuple(plan.swap_out),
+            swap_in=tuple(plan.swap_in),
+        )
+
+    def _try_select(self, job: _Job, num_tokens: int, plan: _Plan) -> ScheduledRequest | None:
+        """Give ``job`` blocks for ``num_tokens`` more tokens, evicting lower jobs if needed."""
+        bm = self.block_manager
+        request = job.request
+        request_id = request.request_id
+        needed = bm.num_host_blocks_of(request_id) + bm.num_blocks_needed(
+            request_id, request.num_computed_tokens + num_tokens)
+        if needed > bm.num_free_blocks and not self._evict_below(job, needed, plan):
+            return None
+        if bm.is_on_host(request_id):
+            self._swap_in(job, plan)
+        item = self._try_schedule(request, num_tokens)
+        assert item is not None, "blocks were made available above"
+        plan.selected[request_id] = item
+        return item
+
+    def _evict_below(self, job: _Job, needed: int, plan: _Plan) -> bool:
+        """Free device blocks held by lower-priority idle jobs until ``needed`` are free."""
+        bm = self.block_manager
+        victims = sorted((v for v in self._resident_idle(plan) if v.key > job.key),
+                         key=lambda v: v.key, reverse=True)
+        if bm.num_free_blocks + sum(bm.num_device_blocks_of(v.request.request_id)
+                                    for v in victims) < needed:
+            return False
+        for victim in victims:
+            if bm.num_free_blocks >= needed:
+                break
+            if not self._swap_out(victim, plan, reuse_now=True):
+                self._preempt_by_recompute(victim.request)  # host tier full
+        return bm.num_free_blocks >= needed
+
+    def _resident_idle(self, plan: _Plan) -> list[_Job]:
+        """Jobs holding device blocks that are not selected this round."""
+        return [self._jobs[r] for r in self.block_manager.device_owners()
+                if r not in plan.selected]
+
+    def _swap_out(self, job: _Job, plan: _Plan, reuse_now: bool) -> bool:
+        request_id = job.request.request_id
+        pairs = self.block_manager.swap_out(request_id, reuse_now=reuse_now)
+        if pairs is None:
+            return False
+        plan.swap_out.append(BlockSwap(request_id, tuple(pairs), blocking=reuse_now))
+        job.request.status = RequestStatus.PREEMPTED
+        self.num_swap_outs += 1
+        self.num_blocks_swapped_out += len(pairs)
+        return True
+
+    def _swap_in(self, job: _Job, plan: _Plan) -> None:
+        request_id = job.request.request_id
+        pairs = self.block_manager.swap_in(request_id)
+        assert pairs is not None, "the caller checked for room"
+        plan.swap_in.append(BlockSwap(request_id, tuple(pairs)))
+        self.num_swap_ins += 1
+        self.num_blocks_swapped_in += len(pairs)
+
+    # -- results -------------------------------------------------------------------------
+
+    def update_from_output(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Mapping[str, int],
+        step_time_s: float | None = None,
+    ) -> list[Request]:
+        finished = super().update_from_output(output, sampled_token_ids, step_time_s)
+        if step_time_s is None:
+            return finished
+        last_level = len(self.quanta_s) - 1
+        for item in output.scheduled:
+            job = self._jobs.get(item.request_id)
+            if job is None:
+                continue
+            job.attained_s += step_time_s
+            if job.attained_s > self.quanta_s[job.level] and job.level < last_level:
+                self._move(job, job.level + 1)
+                self.num_demotions += 1
+        return finished
+
+
+@dataclass
+class _Plan:
+    selected: dict[str, ScheduledRequest]
+    swap_out: list[BlockSwap]
+    swap_in: list[BlockSwap]
+
+    def __init__(self) -> None:
+        self.selected, self.swap_out, self.swap_in = {}, [], []
