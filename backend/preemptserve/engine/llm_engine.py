@@ -52,6 +52,7 @@ class EngineStats:
     num_blocks_used: int = 0
     num_blocks_total: int = 0
     num_preemptions_total: int = 0
+    num_recomputations_total: int = 0
     num_generated_tokens_total: int = 0
     last_step_s: float = 0.0
     num_host_blocks_used: int = 0
@@ -257,6 +258,7 @@ class LLMEngine:
             num_blocks_used=self.block_manager.num_used_blocks,
             num_blocks_total=self.block_manager.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_recomputations_total=self.scheduler.num_recomputations_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
             last_step_s=self._last_step_s,
             num_host_blocks_used=self.block_manager.num_used_host_blocks,

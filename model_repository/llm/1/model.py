@@ -124,18 +124,41 @@ class _Metrics:
         self.preempted = requests.Metric(labels={**labels, "state": "preempted"})
         self.blocks_used = blocks.Metric(labels={**labels, "state": "used"})
         self.blocks_total = blocks.Metric(labels={**labels, "state": "total"})
+        self.host_blocks_used = blocks.Metric(labels={**labels, "state": "host_used"})
+        self.host_blocks_total = blocks.Metric(labels={**labels, "state": "host_total"})
         preemptions = pb_utils.MetricFamily(
-            name="preemptserve_preemptions_total", description="Preemptions so far",
-            kind=counter)
+            name="preemptserve_preemptions_total",
+            description="Running requests that lost their place in the batch", kind=counter)
+        recomputations = pb_utils.MetricFamily(
+            name="preemptserve_recomputations_total",
+            description="Preempted requests whose KV was dropped and recomputed", kind=counter)
         tokens = pb_utils.MetricFamily(
             name="preemptserve_generated_tokens_total", description="Tokens generated so far",
             kind=counter)
-        self.preemptions = preemptions.Metric(labels=labels)
-        self.tokens = tokens.Metric(labels=labels)
+        swaps = pb_utils.MetricFamily(
+            name="preemptserve_swaps_total", description="Requests whose KV moved tiers",
+            kind=counter)
+        swap_bytes = pb_utils.MetricFamily(
+            name="preemptserve_swap_bytes_total", description="KV bytes moved between tiers",
+            kind=counter)
+        swap_seconds = pb_utils.MetricFamily(
+            name="preemptserve_swap_seconds_total",
+            description="Engine-thread time spent issuing or doing KV swaps", kind=counter)
+        # (metric, EngineStats field) pairs of counters fed by differences.
+        self._counters = [
+            (preemptions.Metric(labels=labels), "num_preemptions_total"),
+            (recomputations.Metric(labels=labels), "num_recomputations_total"),
+            (tokens.Metric(labels=labels), "num_generated_tokens_total"),
+            (swaps.Metric(labels={**labels, "direction": "out"}), "num_swap_outs_total"),
+            (swaps.Metric(labels={**labels, "direction": "in"}), "num_swap_ins_total"),
+            (swap_bytes.Metric(labels={**labels, "direction": "out"}), "swap_out_bytes_total"),
+            (swap_bytes.Metric(labels={**labels, "direction": "in"}), "swap_in_bytes_total"),
+            (swap_seconds.Metric(labels=labels), "swap_time_s_total"),
+        ]
+        self._last = {field: 0 for _, field in self._counters}
         # A family must outlive its metrics, or updates fail.
-        self._families = (requests, blocks, preemptions, tokens)
-        self._last_preemptions = 0
-        self._last_tokens = 0
+        self._families = (requests, blocks, preemptions, recomputations, tokens, swaps,
+                          swap_bytes, swap_seconds)
         self.update(stats)
 
     def update(self, stats: EngineStats) -> None:
@@ -144,7 +167,10 @@ class _Metrics:
         self.preempted.set(stats.num_preempted)
         self.blocks_used.set(stats.num_blocks_used)
         self.blocks_total.set(stats.num_blocks_total)
-        self.preemptions.increment(stats.num_preemptions_total - self._last_preemptions)
-        self._last_preemptions = stats.num_preemptions_total
-        self.tokens.increment(stats.num_generated_tokens_total - self._last_tokens)
-        self._last_tokens = stats.num_generated_tokens_total
+        self.host_blocks_used.set(stats.num_host_blocks_used)
+        self.host_blocks_total.set(stats.num_host_blocks_total)
+        for metric, field in self._counters:
+            value = getattr(stats, field)
+            if value != self._last[field]:
+                metric.increment(value - self._last[field])
+                self._last[field] = value

@@ -45,7 +45,10 @@ class Scheduler(ABC):
         self.clock = clock
         self.cost_model = cost_model
         self.requests: dict[str, Request] = {}
+        # A running request that lost its place in the batch (any policy) ...
         self.num_preemptions_total = 0
+        # ... and one whose KV was dropped, to be prefilled again.
+        self.num_recomputations_total = 0
         self._step_id = 0
 
     # -- requests in and out -------------------------------------------------------------
@@ -133,7 +136,7 @@ class Scheduler(ABC):
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
-        self.num_preemptions_total += 1
+        self.num_recomputations_total += 1
 
     # -- results -------------------------------------------------------------------------
 

@@ -65,6 +65,7 @@ class FCFSScheduler(Scheduler):
             budget -= num_tokens
             index += 1
 
+        self.num_preemptions_total += len(preempted)
         # Earliest-admitted victim ends up first in line.
         for victim in preempted:
             self.waiting.appendleft(victim)

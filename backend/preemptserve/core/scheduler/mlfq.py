@@ -170,6 +170,7 @@ class SkipJoinMLFQScheduler(Scheduler):
                 self._swap_in(self._jobs[request_id], plan)
 
         preempted = [rid for rid in self._running if rid not in plan.selected]
+        self.num_preemptions_total += len(preempted)
         for request_id in preempted:
             self._jobs[request_id].request.status = RequestStatus.PREEMPTED
             self._idle_since[request_id] = now
