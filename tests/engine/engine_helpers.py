@@ -1,0 +1,56 @@
+"""Shared by the engine tests: small engines and a staggered-arrival driver."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from preemptserve.core.request import SamplingParams
+from preemptserve.engine.kv_cache import bytes_per_block
+from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.model.args import LlamaArgs
+
+
+def block_bytes(model_dir, block_size: int) -> int:
+    return bytes_per_block(LlamaArgs.from_model_dir(model_dir), block_size, torch.float32)
+
+
+def make_engine(model_dir, *, num_blocks: int, block_size: int = 16, max_num_tokens: int = 64,
+                max_batch_size: int = 8) -> LLMEngine:
+    """An fp32 CPU engine whose pool holds exactly ``num_blocks`` blocks."""
+    kv_bytes = num_blocks * block_bytes(model_dir, block_size)
+    return LLMEngine(EngineConfig(
+        model_dir=str(model_dir), device="cpu",
+        scheduler=SchedulerConfig(max_batch_size=max_batch_size,
+                                  max_num_batched_tokens=max_num_tokens),
+        cache=CacheConfig(kv_cache_bytes=kv_bytes, block_size=block_size),
+    ))
+
+
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], num_tokens: int,
+                  arrive_every: int) -> dict[str, list[int]]:
+    """Add one prompt every ``arrive_every`` steps; check block invariants every step."""
+    sampling = SamplingParams(max_tokens=num_tokens, min_length=num_tokens)
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % arrive_every == 0:
+            index, prompt = pending.pop(0)
+            engine.add_request(str(index), prompt, sampling)
+        for out in engine.step():
+            outputs[out.request_id].extend(out.token_ids)
+        engine.block_manager.check_invariants()
+        step += 1
+        assert step < 10_000, "engine did not finish"
+    bm = engine.block_manager
+    assert bm.num_free_blocks + bm.num_pending_blocks == bm.num_blocks
+    assert bm.num_used_host_blocks == 0
+    return outputs
+
+
+def random_prompts(seed: int, lengths: list[int], vocab: int = 4096) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(n - 1)] for n in lengths]
