@@ -190,8 +190,9 @@ class SkipJoinMLFQScheduler(Scheduler):
         bm = self.block_manager
         request = job.request
         request_id = request.request_id
-        needed = bm.num_host_blocks_of(request_id) + bm.num_blocks_needed(
-            request_id, request.num_computed_tokens + num_tokens)
+        # Blocks on the host come back as part of the table: count the table once.
+        needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens)
+                     - bm.num_device_blocks_of(request_id))
         if needed > bm.num_free_blocks and not self._evict_below(job, needed, plan):
             return None
         if bm.is_on_host(request_id):
