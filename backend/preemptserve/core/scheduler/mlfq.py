@@ -32,6 +32,11 @@ class _Job:
     level: int
     seq: int  # order of arrival in its current level
     attained_s: float = 0.0
+    # Most tokens ever in its cache: recomputing below this is redoing lost work, which
+    # is not service (counting it would demote a job for work preemption took away).
+    num_tokens_high_water: int = 0
+    # In its queue by starvation promotion rather than by arrival or demotion.
+    promoted: bool = False
 
     @property
     def key(self) -> tuple[int, int]:
@@ -98,6 +103,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         request_id = job.request.request_id
         del self._levels[job.level][request_id]
         job.level, job.seq, job.attained_s = level, next(self._seq), 0.0
+        job.promoted = False
         self._levels[level][request_id] = job
 
     def _priority_order(self) -> Iterator[_Job]:
@@ -109,7 +115,9 @@ class SkipJoinMLFQScheduler(Scheduler):
         starved = list(itertools.takewhile(
             lambda item: now - item[1] >= threshold, self._idle_since.items()))
         for request_id, _ in starved:
-            self._move(self._jobs[request_id], 0)
+            job = self._jobs[request_id]
+            self._move(job, 0)
+            job.promoted = True
             # Restart its idle clock, or it would be promoted again every iteration.
             del self._idle_since[request_id]
             self._idle_since[request_id] = now
@@ -153,6 +161,13 @@ class SkipJoinMLFQScheduler(Scheduler):
                 if self._try_select(job, num_tokens, plan) is not None:
                     budget -= num_tokens
 
+        # Never idle while jobs wait: with nothing selected, the top job may recompute
+        # anyone (each job fits the pool alone, so this always makes progress).
+        if not plan.selected and self._jobs:
+            top = next(self._priority_order())
+            self._try_select(top, min(top.request.num_uncomputed_tokens, budget), plan,
+                             force=True)
+
         # 2. Proactive offload: keep the reserve free for arrivals.
         if bm.num_free_blocks < self.reserve_blocks:
             for job in sorted(self._resident_idle(plan), key=lambda j: -self._enst_s(j, now)):
@@ -185,7 +200,9 @@ class SkipJoinMLFQScheduler(Scheduler):
             swap_in=tuple(plan.swap_in),
         )
 
-    def _try_select(self, job: _Job, num_tokens: int, plan: _Plan) -> ScheduledRequest | None:
+    def _try_select(
+        self, job: _Job, num_tokens: int, plan: _Plan, force: bool = False
+    ) -> ScheduledRequest | None:
         """Give ``job`` blocks for ``num_tokens`` more tokens, evicting lower jobs if needed."""
         bm = self.block_manager
         request = job.request
@@ -193,7 +210,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         # Blocks on the host come back as part of the table: count the table once.
         needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens)
                      - bm.num_device_blocks_of(request_id))
-        if needed > bm.num_free_blocks and not self._evict_below(job, needed, plan):
+        if needed > bm.num_free_blocks and not self._evict_below(job, needed, plan, force):
             return None
         if bm.is_on_host(request_id):
             self._swap_in(job, plan)
@@ -202,18 +219,33 @@ class SkipJoinMLFQScheduler(Scheduler):
         plan.selected[request_id] = item
         return item
 
-    def _evict_below(self, job: _Job, needed: int, plan: _Plan) -> bool:
-        """Free device blocks held by lower-priority idle jobs until ``needed`` are free."""
+    def _evict_below(self, job: _Job, needed: int, plan: _Plan, force: bool = False) -> bool:
+        """Free device blocks held by lower-priority idle jobs until ``needed`` are free.
+
+        Any lower job may be swapped out. Only a job of a strictly lower queue may lose
+        its KV to recomputation, and not to a job that is up by starvation promotion:
+        two jobs that take turns starving would otherwise undo each other's work on
+        every turn (quadratic work, or none finishing when turns are short). ``force``
+        lifts both limits (the batch would otherwise be empty).
+        """
         bm = self.block_manager
-        victims = sorted((v for v in self._resident_idle(plan) if v.key > job.key),
+        victims = sorted((v for v in self._resident_idle(plan)
+                          if v is not job and (force or v.key > job.key)),
                          key=lambda v: v.key, reverse=True)
-        if bm.num_free_blocks + sum(bm.num_device_blocks_of(v.request.request_id)
-                                    for v in victims) < needed:
+        blocks = {v.request.request_id: bm.num_device_blocks_of(v.request.request_id)
+                  for v in victims}
+        def recomputable(victim: _Job) -> bool:
+            return force or (victim.level > job.level and not job.promoted)
+
+        num_recomputable = sum(blocks[v.request.request_id] for v in victims if recomputable(v))
+        num_swappable = min(bm.num_free_host_blocks, sum(
+            blocks[v.request.request_id] for v in victims if not recomputable(v)))
+        if bm.num_free_blocks + num_recomputable + num_swappable < needed:
             return False
         for victim in victims:
             if bm.num_free_blocks >= needed:
                 break
-            if not self._swap_out(victim, plan, reuse_now=True):
+            if not self._swap_out(victim, plan, reuse_now=True) and recomputable(victim):
                 self._preempt_by_recompute(victim.request)  # host tier full
         return bm.num_free_blocks >= needed
 
@@ -257,6 +289,9 @@ class SkipJoinMLFQScheduler(Scheduler):
             job = self._jobs.get(item.request_id)
             if job is None:
                 continue
+            if item.context_len <= job.num_tokens_high_water:
+                continue  # recomputation of lost work
+            job.num_tokens_high_water = item.context_len
             job.attained_s += step_time_s
             if job.attained_s > self.quanta_s[job.level] and job.level < last_level:
                 self._move(job, job.level + 1)
