@@ -66,10 +66,14 @@ class BlockManager:
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         """Grow ``request_id``'s table to cover ``num_tokens`` tokens; False if short."""
-        needed = self.num_blocks_needed(request_id, num_tokens)
+        table = self._tables.get(request_id)
+        needed = -(-num_tokens // self.block_size) - (0 if table is None else len(table))
+        if needed <= 0 and table is not None:
+            return True  # the common decode step: the last block has room
         if needed > len(self._free):
             return False
-        table = self._tables.setdefault(request_id, [])
+        if table is None:
+            table = self._tables[request_id] = []
         for _ in range(needed):
             block_id = self._free.popleft()
             self._ref_counts[block_id] = 1
@@ -164,6 +168,10 @@ class BlockManager:
 
     def block_table(self, request_id: str) -> list[int]:
         return list(self._tables.get(request_id, ()))
+
+    def block_ids(self, request_id: str) -> tuple[int, ...]:
+        """The device block table as a tuple (one copy, for plans)."""
+        return tuple(self._tables.get(request_id, ()))
 
     def has_blocks(self, request_id: str) -> bool:
         return request_id in self._tables

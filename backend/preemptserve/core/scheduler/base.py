@@ -116,19 +116,21 @@ class Scheduler(ABC):
 
     def _try_schedule(self, request: Request, num_tokens: int) -> ScheduledRequest | None:
         """Allocate blocks for ``num_tokens`` more tokens and describe the work, or None."""
+        request_id = request.request_id
         start = request.num_computed_tokens
-        if not self.block_manager.allocate(request.request_id, start + num_tokens):
+        stop = start + num_tokens
+        if not self.block_manager.allocate(request_id, stop):
             return None
         if request.first_scheduled_time_s is None:
             request.first_scheduled_time_s = self.clock()
         request.status = RequestStatus.RUNNING
-        return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=tuple(request.token_ids(start, start + num_tokens)),
-            start_position=start,
-            block_ids=tuple(self.block_manager.block_table(request.request_id)),
-            sample=start + num_tokens == request.num_tokens,
-        )
+        num_total = request.num_tokens
+        if num_tokens == 1 and stop == num_total and request.output_token_ids:
+            token_ids: tuple[int, ...] = (request.output_token_ids[-1],)  # a decode
+        else:
+            token_ids = tuple(request.token_ids(start, stop))
+        return ScheduledRequest(request_id, token_ids, start,
+                                self.block_manager.block_ids(request_id), stop == num_total)
 
     def _preempt_by_recompute(self, request: Request) -> None:
         """Drop a request's KV; it will prefill prompt + output again when resumed."""

@@ -112,8 +112,11 @@ class SkipJoinMLFQScheduler(Scheduler):
 
     def _promote_starved(self, now: float) -> None:
         threshold = self.config.mlfq_starvation_threshold_s
-        starved = list(itertools.takewhile(
-            lambda item: now - item[1] >= threshold, self._idle_since.items()))
+        # At most a batch's worth per iteration: more could not run at once anyway, and
+        # thousands starving together would otherwise stall one iteration.
+        starved = list(itertools.islice(itertools.takewhile(
+            lambda item: now - item[1] >= threshold, self._idle_since.items()),
+            self.config.max_batch_size))
         for request_id, _ in starved:
             job = self._jobs[request_id]
             self._move(job, 0)
@@ -144,12 +147,15 @@ class SkipJoinMLFQScheduler(Scheduler):
         #    Once a job without KV cannot get blocks, no later one can: only jobs that
         #    already hold KV (they need at most a block more) are still tried, in order.
         blocked = False
+        max_batch_size = self.config.max_batch_size
+        num_selected = 0
         for job in self._priority_order():
-            if len(plan.selected) >= self.config.max_batch_size or budget <= 0:
+            if num_selected >= max_batch_size or budget <= 0:
                 break
             item = self._try_select(job, min(job.request.num_uncomputed_tokens, budget), plan)
             if item is not None:
                 budget -= item.num_tokens
+                num_selected += 1
             elif not bm.has_blocks(job.request.request_id):
                 blocked = True
                 break
@@ -190,7 +196,8 @@ class SkipJoinMLFQScheduler(Scheduler):
             self._jobs[request_id].request.status = RequestStatus.PREEMPTED
             self._idle_since[request_id] = now
         for request_id in plan.selected:
-            self._idle_since.pop(request_id, None)
+            if request_id not in self._running:
+                self._idle_since.pop(request_id, None)
         self._running = set(plan.selected)
         return SchedulerOutput(
             step_id=self._next_step_id(),
@@ -207,6 +214,12 @@ class SkipJoinMLFQScheduler(Scheduler):
         bm = self.block_manager
         request = job.request
         request_id = request.request_id
+        if bm.has_blocks(request_id):
+            # The common case, a resident job that fits: no eviction, no host lookup.
+            item = self._try_schedule(request, num_tokens)
+            if item is not None:
+                plan.selected[request_id] = item
+                return item
         # Blocks on the host come back as part of the table: count the table once.
         needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens)
                      - bm.num_device_blocks_of(request_id))

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):
     """One request's share of an iteration.
 
     The engine feeds ``token_ids`` at positions ``start_position ..`` and writes their K/V
     into the slots given by ``block_ids`` (the request's whole block table after this
     step's allocation). When ``sample`` is true (the last chunk of a prefill, or a decode)
-    the engine samples one token from the last position.
+    the engine samples one token from the last position. (A named tuple: built for
+    every running request every iteration, it must be cheap to create.)
     """
 
     request_id: str
