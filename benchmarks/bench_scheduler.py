@@ -48,7 +48,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -58,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
+
+from bench_common import machine_info  # noqa: E402
 
 from preemptserve.config import SchedulerConfig  # noqa: E402
 from preemptserve.core.block_manager import BlockManager  # noqa: E402
@@ -246,25 +247,6 @@ def mass_promotion_ms(num_waiting: int, args: argparse.Namespace) -> float:
     promoted = scheduler.num_promotions  # type: ignore[attr-defined]
     assert promoted >= min(num_waiting, scheduler.config.max_batch_size), promoted
     return elapsed_ms
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "num_cpus": os.cpu_count(),
-        "num_cpus_usable": len(os.sched_getaffinity(0)),
-        "load_average_1m_at_start": os.getloadavg()[0],
-    }
 
 
 def main() -> None:

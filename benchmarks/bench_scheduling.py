@@ -54,7 +54,6 @@ import json
 import logging
 import math
 import os
-import platform
 import queue
 import re
 import shlex
@@ -73,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_common import machine_info, print_table, process_tree_cpu_s
 
 from preemptserve.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
 
@@ -239,30 +239,6 @@ def metric_total(samples: dict[str, float], name: str, **labels: str) -> float |
 def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items()
             if k.split("{", 1)[0].endswith("_total")}
-
-
-def process_tree_cpu_s(root_pid: int) -> float:
-    """User + system CPU seconds of ``root_pid`` and its descendants, all threads."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {root_pid}, [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in tree)
 
 
 def wait_idle(metrics_url: str, timeout_s: float) -> bool:
@@ -592,50 +568,15 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload,
 # -- report -----------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
+def serving_machine_info() -> dict[str, Any]:
     def version(name: str) -> str | None:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "num_cpus": os.cpu_count(),
-        "num_cpus_usable": len(os.sched_getaffinity(0)),
-        "torch": version("torch"),
-        "tritonclient": version("tritonclient"),
-        "nvidia_pytriton": version("nvidia-pytriton"),
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        "load_average_1m_at_start": os.getloadavg()[0],
-    }
-
-
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                fmt: str) -> None:
-    if fmt == "markdown":
-        print(f"\n**{title}**\n")
-        print("| " + " | ".join(headers) + " |")
-        print("|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    print(f"\n{title}")
-    for row in [headers, *rows]:
-        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    return machine_info(torch=version("torch"), tritonclient=version("tritonclient"),
+                        nvidia_pytriton=version("nvidia-pytriton"))
 
 
 def sec(x: float | None) -> str:
@@ -817,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": machine_info(),
+        "machine": serving_machine_info(),
         "parameters": {
             "seed": args.seed, "num_requests": args.num_requests, "loads": args.loads,
             "prompt_median": args.prompt_median, "prompt_mean": args.prompt_mean,

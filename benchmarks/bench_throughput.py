@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shlex
 import signal
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import machine_info, print_table, process_tree_cpu_s
 
 from preemptserve.config import EngineConfig, serving_config_from_parameters
 from preemptserve.core.request import SamplingParams
@@ -132,32 +132,14 @@ def serving_config_from_pbtxt(path: Path) -> EngineConfig:
 # -- machine ----------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu_model, flags = "unknown", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model == "unknown":
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+def torch_machine_info() -> dict[str, Any]:
     parallel = [line.split(":", 1)[1].strip() for line in
                 torch.__config__.parallel_info().splitlines() if "parallel backend" in line]
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "cpu_simd": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
-        "num_cpus": os.cpu_count(),
-        "num_cpus_usable": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_parallel_backend": parallel[0] if parallel else "unknown",
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                               "MKL_NUM_THREADS")},
-        "load_average_1m_at_start": os.getloadavg()[0],
-    }
+    return machine_info(
+        torch=torch.__version__,
+        torch_num_threads=torch.get_num_threads(),
+        torch_parallel_backend=parallel[0] if parallel else "unknown",
+    )
 
 
 # -- engine -----------------------------------------------------------------------------
@@ -563,30 +545,6 @@ def run_triton(
     return TritonRun(wall_s, n * len(prompts), texts)
 
 
-def process_tree_cpu_s(root_pid: int) -> float:
-    """User + system CPU seconds of ``root_pid`` and its descendants, all threads."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {root_pid}, [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in tree)
-
-
 def run_engine_closed_loop(
     engine: LLMEngine, prompts: list[list[int]], workload: Workload, num_requests: int
 ) -> float:
@@ -647,40 +605,6 @@ def run_perf_analyzer(
 
 
 # -- output -----------------------------------------------------------------------------
-
-
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                fmt: str) -> None:
-    if fmt == "markdown":
-        print(f"\n**{title}**\n")
-        print("| " + " | ".join(headers) + " |")
-        print("|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    if fmt == "rich":
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            fmt = "plain"
-        else:
-            table = Table(title=title, title_justify="left")
-            for i, header in enumerate(headers):
-                table.add_column(header, justify="right" if i else "left")
-            for row in rows:
-                table.add_row(*row)
-            Console(width=200).print(table)
-            return
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    print(f"\n{title}")
-    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
-                     enumerate(zip(headers, widths, strict=True)))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                        enumerate(zip(row, widths, strict=True))))
 
 
 def f0(x: float) -> str:
@@ -757,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": machine_info(),
+        "machine": torch_machine_info(),
         "model": {"dir": str(engine.model_dir), "dtype": config.dtype, "device": "cpu",
                   "num_params": engine.args.num_params(),
                   "matmul_flops_per_token": engine.args.matmul_flops_per_token()},
