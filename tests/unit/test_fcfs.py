@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plan_checks import check_scheduled_items
 
 from preemptserve.config import SchedulerConfig
 from preemptserve.core.block_manager import BlockManager
@@ -76,22 +77,8 @@ def constant_sampler(token_id: int = DEFAULT_TOKEN_ID) -> Sampler:
 
 def check_output(scheduler: Scheduler, output: SchedulerOutput) -> None:
     """Structural checks on a plan, made before results are applied."""
-    config = scheduler.config
     bm = scheduler.block_manager
-    ids = [item.request_id for item in output.scheduled]
-    assert len(ids) == len(set(ids)), f"request scheduled twice: {ids}"
-    assert len(ids) <= config.max_batch_size
-    assert output.num_batched_tokens <= config.max_num_batched_tokens
-    for item in output.scheduled:
-        request = scheduler.requests[item.request_id]
-        assert request.status == RequestStatus.RUNNING
-        assert item.num_tokens >= 1
-        assert item.start_position == request.num_computed_tokens
-        assert item.context_len <= request.num_tokens
-        assert list(item.token_ids) == request.token_ids(item.start_position, item.context_len)
-        assert item.sample == (item.context_len == request.num_tokens)
-        assert list(item.block_ids) == bm.block_table(item.request_id)
-        assert len(item.block_ids) == bm.blocks_for_tokens(item.context_len)
+    ids = check_scheduled_items(scheduler, output)
     for request_id in output.preempted_ids:
         assert request_id not in ids
         request = scheduler.requests[request_id]

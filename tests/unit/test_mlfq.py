@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from plan_checks import check_scheduled_items
 
 from preemptserve.config import SchedulerConfig
 from preemptserve.core.block_manager import BlockManager
@@ -182,23 +183,12 @@ def check_output(
     running_before: set[str],
 ) -> None:
     """Structural checks on a plan, made before its results are applied."""
-    config, bm = scheduler.config, scheduler.block_manager
-    ids = scheduled_ids(output)
-    assert len(ids) == len(set(ids)), f"request scheduled twice: {ids}"
-    assert len(ids) <= config.max_batch_size
-    assert output.num_batched_tokens <= config.max_num_batched_tokens
+    bm = scheduler.block_manager
+    ids = check_scheduled_items(scheduler, output)
+    assert ids == scheduled_ids(output)
     for item in output.scheduled:
-        request = scheduler.requests[item.request_id]
-        assert request.status == RequestStatus.RUNNING
-        assert item.num_tokens >= 1
-        assert item.start_position == request.num_computed_tokens
-        assert item.context_len <= request.num_tokens
-        assert list(item.token_ids) == request.token_ids(item.start_position, item.context_len)
-        assert item.sample == (item.context_len == request.num_tokens)
         # Its KV is on the device: swapped back in before it runs again.
         assert bm.has_blocks(item.request_id) and not bm.is_on_host(item.request_id)
-        assert list(item.block_ids) == bm.block_table(item.request_id)
-        assert len(item.block_ids) == bm.blocks_for_tokens(item.context_len)
 
     swapped_out = [swap.request_id for swap in output.swap_out]
     swapped_in = [swap.request_id for swap in output.swap_in]

@@ -169,7 +169,13 @@ class Scheduler(ABC):
             if status is not None:
                 self.finish_request(request.request_id, status)
                 finished.append(request)
+        if step_time_s is not None:
+            self._account_service(output, step_time_s)
         return finished
+
+    def _account_service(self, output: SchedulerOutput, step_time_s: float) -> None:
+        """Hook for policies that track service time; called after every step's results."""
+        return None  # fcfs keeps no service accounts
 
     @staticmethod
     def _stop_status(request: Request, token_id: int) -> RequestStatus | None:

@@ -17,7 +17,7 @@ Recomputation is the fallback only when the host tier is full.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..request import Request, RequestStatus
@@ -288,15 +288,8 @@ class SkipJoinMLFQScheduler(Scheduler):
 
     # -- results -------------------------------------------------------------------------
 
-    def update_from_output(
-        self,
-        output: SchedulerOutput,
-        sampled_token_ids: Mapping[str, int],
-        step_time_s: float | None = None,
-    ) -> list[Request]:
-        finished = super().update_from_output(output, sampled_token_ids, step_time_s)
-        if step_time_s is None:
-            return finished
+    def _account_service(self, output: SchedulerOutput, step_time_s: float) -> None:
+        """Attained service and demotion; finished jobs are already gone."""
         last_level = len(self.quanta_s) - 1
         for item in output.scheduled:
             job = self._jobs.get(item.request_id)
@@ -309,7 +302,6 @@ class SkipJoinMLFQScheduler(Scheduler):
             if job.attained_s > self.quanta_s[job.level] and job.level < last_level:
                 self._move(job, job.level + 1)
                 self.num_demotions += 1
-        return finished
 
 
 @dataclass
