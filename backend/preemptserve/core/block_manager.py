@@ -9,6 +9,11 @@ A request's KV lives wholly in one tier at a time::
     device pool  --swap_out-->  host pool        (pairs: device id -> host id)
     device pool  <--swap_in---  host pool        (pairs: host id -> device id)
 
+A request in hidden-cache mode (``hidden=True``) stores a normalised hidden state per token
+instead of K and V; where that is half the bytes (multi-head attention) one block holds
+``hidden_tokens_per_block = 2 * B`` of its tokens, so it needs half the blocks. The mode of
+a table is fixed from its first allocation until it is freed.
+
 Blocks a swap vacates are *pending* until ``commit_pending()`` (called once per
 iteration, before scheduling): their copy may still be in flight during the iteration
 that planned it, so they must not be handed to anyone in that same iteration.
@@ -28,14 +33,25 @@ class BlockManager:
     raises ``AssertionError`` on a leak, a double free or a wrong count.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
+        hidden_tokens_per_block: int = 0,
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0 or num_host_blocks < 0:
             raise ValueError(
                 f"need num_blocks > 0, block_size > 0 and num_host_blocks >= 0, got "
                 f"{num_blocks}, {block_size}, {num_host_blocks}"
             )
+        if hidden_tokens_per_block and hidden_tokens_per_block <= block_size:
+            raise ValueError(
+                f"hidden_tokens_per_block must exceed block_size ({block_size}) to save "
+                f"memory, got {hidden_tokens_per_block}; 0 disables hidden mode"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # 0: the engine offers no hidden-cache mode (it would not save memory).
+        self.hidden_tokens_per_block = hidden_tokens_per_block
+        self._hidden: set[str] = set()  # requests whose table holds hidden states
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
@@ -53,27 +69,51 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def blocks_for_tokens(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+    @property
+    def supports_hidden(self) -> bool:
+        return self.hidden_tokens_per_block > 0
 
-    def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
+    def is_hidden(self, request_id: str) -> bool:
+        return request_id in self._hidden
+
+    def tokens_per_block(self, hidden: bool = False) -> int:
+        if not hidden:
+            return self.block_size
+        if not self.hidden_tokens_per_block:
+            raise ValueError("this cache has no hidden-cache mode")
+        return self.hidden_tokens_per_block
+
+    def blocks_for_tokens(self, num_tokens: int, hidden: bool = False) -> int:
+        return -(-num_tokens // self.tokens_per_block(hidden))
+
+    def num_blocks_needed(self, request_id: str, num_tokens: int, hidden: bool = False) -> int:
         """Blocks that must be added so the request's table covers ``num_tokens``."""
         have = len(self._tables.get(request_id, ()))
-        return max(0, self.blocks_for_tokens(num_tokens) - have)
+        return max(0, self.blocks_for_tokens(num_tokens, hidden) - have)
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.num_blocks_needed(request_id, num_tokens) <= len(self._free)
+    def can_allocate(self, request_id: str, num_tokens: int, hidden: bool = False) -> bool:
+        return self.num_blocks_needed(request_id, num_tokens, hidden) <= len(self._free)
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Grow ``request_id``'s table to cover ``num_tokens`` tokens; False if short."""
+    def allocate(self, request_id: str, num_tokens: int, hidden: bool = False) -> bool:
+        """Grow ``request_id``'s table to cover ``num_tokens`` tokens; False if short.
+
+        ``hidden`` must match the mode of the request's existing table (``ValueError``).
+        """
         table = self._tables.get(request_id)
-        needed = -(-num_tokens // self.block_size) - (0 if table is None else len(table))
+        if table is not None and hidden != (request_id in self._hidden):
+            raise ValueError(f"{request_id!r}: a table changes cache mode only after free()")
+        needed = -(-num_tokens // self.tokens_per_block(hidden)) - (
+            0 if table is None else len(table))
         if needed <= 0 and table is not None:
             return True  # the common decode step: the last block has room
         if needed > len(self._free):
             return False
         if table is None:
+            if request_id in self._host_tables:
+                raise ValueError(f"{request_id!r} is on the host tier: swap it in first")
             table = self._tables[request_id] = []
+            if hidden:
+                self._hidden.add(request_id)
         for _ in range(needed):
             block_id = self._free.popleft()
             self._ref_counts[block_id] = 1
@@ -82,6 +122,7 @@ class BlockManager:
 
     def free(self, request_id: str) -> int:
         """Release every block of ``request_id`` in both tiers; returns device blocks freed."""
+        self._hidden.discard(request_id)
         host_table = self._host_tables.pop(request_id, None)
         if host_table is not None:
             self._host_free.extend(host_table)
@@ -206,6 +247,8 @@ class BlockManager:
             f"leak: {num_owned} owned + {len(free)} free or pending != {self.num_blocks}"
         )
         assert not set(self._tables) & set(self._host_tables), "a request in both tiers"
+        assert self._hidden <= set(self._tables) | set(self._host_tables), (
+            "a hidden-mode mark without blocks")
         host_owned = [b for table in self._host_tables.values() for b in table]
         host_all = host_owned + list(self._host_free) + self._pending_host_free
         assert sorted(host_all) == list(range(self.num_host_blocks)), (

@@ -26,6 +26,19 @@ class RequestStatus(enum.IntEnum):
         return self > RequestStatus.PREEMPTED
 
 
+class CacheMode(enum.Enum):
+    """What a request keeps per layer for its past tokens.
+
+    ``KV``: keys and values (``2 * num_kv_heads * head_dim`` values per token).
+    ``HIDDEN``: the attention block's normalised input (``hidden_size`` values per token);
+    K and V of past tokens are recomputed from it at every step (Apt-Serve's hidden
+    cache: half the memory of K/V for multi-head attention, more compute).
+    """
+
+    KV = "kv"
+    HIDDEN = "hidden"
+
+
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -96,6 +109,12 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     first_scheduled_time_s: float | None = None
+    # Set by the policy while the request holds no cache; changes only through
+    # preemption by recomputation.
+    cache_mode: CacheMode = CacheMode.KV
+    # Latency objectives (seconds) of this request; None: the policy's defaults.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -120,6 +139,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def hidden(self) -> bool:
+        return self.cache_mode is CacheMode.HIDDEN
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens ``[start, stop)`` of prompt + output."""

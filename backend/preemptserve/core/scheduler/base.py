@@ -57,7 +57,7 @@ class Scheduler(ABC):
         """Queue a new request. Raises ``ValueError`` if it could never fit in the pool."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        needed = self.block_manager.blocks_for_tokens(request.max_total_tokens)
+        needed = self.block_manager.blocks_for_tokens(request.max_total_tokens)  # in KV mode
         if needed > self.block_manager.num_blocks:
             raise ValueError(
                 f"request needs up to {needed} KV blocks "
@@ -119,7 +119,8 @@ class Scheduler(ABC):
         request_id = request.request_id
         start = request.num_computed_tokens
         stop = start + num_tokens
-        if not self.block_manager.allocate(request_id, stop):
+        hidden = request.hidden
+        if not self.block_manager.allocate(request_id, stop, hidden):
             return None
         if request.first_scheduled_time_s is None:
             request.first_scheduled_time_s = self.clock()
@@ -130,7 +131,8 @@ class Scheduler(ABC):
         else:
             token_ids = tuple(request.token_ids(start, stop))
         return ScheduledRequest(request_id, token_ids, start,
-                                self.block_manager.block_ids(request_id), stop == num_total)
+                                self.block_manager.block_ids(request_id), stop == num_total,
+                                hidden)
 
     def _preempt_by_recompute(self, request: Request) -> None:
         """Drop a request's KV; it will prefill prompt + output again when resumed."""

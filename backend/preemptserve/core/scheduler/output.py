@@ -12,8 +12,10 @@ class ScheduledRequest(NamedTuple):
     The engine feeds ``token_ids`` at positions ``start_position ..`` and writes their K/V
     into the slots given by ``block_ids`` (the request's whole block table after this
     step's allocation). When ``sample`` is true (the last chunk of a prefill, or a decode)
-    the engine samples one token from the last position. (A named tuple: built for
-    every running request every iteration, it must be cheap to create.)
+    the engine samples one token from the last position. With ``hidden`` the request is in
+    hidden-cache mode: its blocks hold normalised hidden states, twice as many tokens per
+    block (see ``BlockManager``). (A named tuple: built for every running request every
+    iteration, it must be cheap to create.)
     """
 
     request_id: str
@@ -21,6 +23,7 @@ class ScheduledRequest(NamedTuple):
     start_position: int
     block_ids: tuple[int, ...]
     sample: bool
+    hidden: bool = False
 
     @property
     def num_tokens(self) -> int:
