@@ -24,6 +24,10 @@ class SchedulerConfig:
     mlfq_starvation_threshold_s: float = 5.0
     # Share of device KV blocks kept free for arrivals by proactive offload.
     kv_reserve_fraction: float = 0.1
+    # Latency objectives (apt schedules for them; requests may override both): a request
+    # meets its SLO if its time to first token and its P99 time between tokens are below.
+    ttft_slo_s: float = 2.0
+    tbt_slo_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mlfq_base_quantum_s <= 0 or self.mlfq_quantum_ratio < 1:
@@ -36,6 +40,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}"
             )
+        if not (self.ttft_slo_s > 0 and self.tbt_slo_s > 0):
+            raise ValueError("ttft_slo_ms and tbt_slo_ms must be positive")
         if self.max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_num_batched_tokens <= 0:
@@ -132,6 +138,8 @@ _PARAMETERS = {
     "mlfq_quantum_ratio": ("scheduler", "mlfq_quantum_ratio", float),
     "mlfq_num_queues": ("scheduler", "mlfq_num_queues", int),
     "mlfq_starvation_threshold_ms": ("scheduler", "mlfq_starvation_threshold_s", _milliseconds),
+    "ttft_slo_ms": ("scheduler", "ttft_slo_s", _milliseconds),
+    "tbt_slo_ms": ("scheduler", "tbt_slo_s", _milliseconds),
     "prefill_profile_path": ("engine", "prefill_profile_path", str),
     "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
     "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),

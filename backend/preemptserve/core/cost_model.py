@@ -21,9 +21,14 @@ class CostModel(Protocol):
 
 @dataclass(frozen=True)
 class PrefillProfile:
-    """Measured ``(num_tokens, seconds)`` points; linear in between and beyond."""
+    """Measured ``(num_tokens, seconds)`` points; linear in between and beyond.
+
+    ``hidden_recompute_s_per_block``: the extra time of a decode step per KV-sized block of
+    context a request keeps as hidden states (K/V recomputed each step), where measured.
+    """
 
     points: tuple[tuple[int, float], ...]
+    hidden_recompute_s_per_block: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.points) < 2:
@@ -40,10 +45,14 @@ class PrefillProfile:
         return max(0.0, t0 + (t1 - t0) * (num_tokens - n0) / (n1 - n0))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"prefill_points": [list(p) for p in self.points]},
-                                         indent=1))
+        data: dict[str, object] = {"prefill_points": [list(p) for p in self.points]}
+        if self.hidden_recompute_s_per_block is not None:
+            data["hidden_recompute_s_per_block"] = self.hidden_recompute_s_per_block
+        Path(path).write_text(json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> PrefillProfile:
         data = json.loads(Path(path).read_text())
-        return cls(tuple((int(n), float(t)) for n, t in data["prefill_points"]))
+        recompute = data.get("hidden_recompute_s_per_block")
+        return cls(tuple((int(n), float(t)) for n, t in data["prefill_points"]),
+                   None if recompute is None else float(recompute))

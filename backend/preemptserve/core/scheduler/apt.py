@@ -1,0 +1,312 @@
+"""``apt``: Apt-Serve's adaptive scheduling on a hybrid KV/hidden cache.
+
+Every iteration is either a *prefill step* (requests without a complete prefill) or a
+*decode step* (one token for requests whose prefill is done), as in Apt-Serve:
+
+* a request's *pending time* ``p`` is the time since its last token (since arrival before
+  the first); its value is ``p``, or ``p * LOST_VALUE_SCALE`` once it has missed its SLO
+  (TTFT over its TTFT SLO, or more time-between-tokens misses than its P99 allows): the
+  SLO-aware fallback serves such requests only with what is left;
+* decode step if the decode candidates' summed value exceeds the prefill candidates', or
+  if no prefill candidate fits; otherwise a prefill step;
+* the step's batch is chosen by the greedy knapsack of ``knapsack.py`` over device blocks.
+  A request with no cache may join in KV mode (``m`` blocks, value ``p``) or in hidden mode
+  (``ceil(m/2)`` blocks, value ``p - U * c * m``: ``U`` requests wait for the slower step,
+  ``c`` the profiled recompute seconds per block of context); a request with a cache keeps
+  its mode (switching means recomputing, which only a preemption by recomputation does).
+
+Beyond the paper's vLLM prototype, a request that loses its place keeps its cache on the
+device while it fits, and is swapped to the host tier (or, host full, preempted by
+recomputation) only when a chosen request needs its blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..cost_model import CostModel
+from ..request import CacheMode, Request, RequestStatus
+from .base import Scheduler
+from .knapsack import Option, choose
+from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from .registry import register_policy
+
+# The value of a request that already missed its SLO, relative to its pending time.
+LOST_VALUE_SCALE = 1e-6
+# Share of a request's time-between-tokens gaps allowed over the TBT SLO (its P99).
+TBT_MISS_FRACTION = 0.01
+
+
+class HybridCostModel(CostModel, Protocol):
+    # Extra seconds a decode step spends per KV-sized block of context kept as hidden
+    # states (recomputing K and V); None where not measured.
+    hidden_recompute_s_per_block: float | None
+
+
+@dataclass
+class _Plan:
+    selected: dict[str, ScheduledRequest] = field(default_factory=dict)
+    swap_out: list[BlockSwap] = field(default_factory=list)
+    swap_in: list[BlockSwap] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+
+
+@register_policy("apt")
+class AptScheduler(Scheduler):
+    requires_cost_model = True
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        recompute = getattr(self.cost_model, "hidden_recompute_s_per_block", None)
+        if self.block_manager.supports_hidden and recompute is None:
+            raise ValueError("apt needs the profiled hidden-cache recompute cost per block")
+        self.recompute_s_per_block = recompute or 0.0
+        # Every unfinished request, in arrival order.
+        self._requests: dict[str, Request] = {}
+        self._running: set[str] = set()
+        self._arrival_s: dict[str, float] = {}
+        self._last_token_s: dict[str, float] = {}
+        self._num_tbt_misses: dict[str, int] = {}
+        self._lost: set[str] = set()
+        self.num_prefill_steps = self.num_decode_steps = 0
+        self.num_mode_switches = 0
+        self.num_swap_outs = self.num_swap_ins = 0
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._requests) - len(self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def _enqueue_new(self, request: Request) -> None:
+        request_id = request.request_id
+        self._requests[request_id] = request
+        now = self.clock()
+        self._arrival_s[request_id] = now
+        self._last_token_s[request_id] = now
+        self._num_tbt_misses[request_id] = 0
+
+    def _remove(self, request: Request) -> None:
+        request_id = request.request_id
+        self._requests.pop(request_id, None)
+        self._running.discard(request_id)
+        for table in (self._arrival_s, self._last_token_s, self._num_tbt_misses):
+            table.pop(request_id, None)
+        self._lost.discard(request_id)
+
+    def _ttft_slo_s(self, request: Request) -> float:
+        return request.ttft_slo_s if request.ttft_slo_s is not None else self.config.ttft_slo_s
+
+    def _tbt_slo_s(self, request: Request) -> float:
+        return request.tbt_slo_s if request.tbt_slo_s is not None else self.config.tbt_slo_s
+
+    def value(self, request: Request, now: float) -> float:
+        """Pending time, scaled down once the request can no longer meet its SLO."""
+        request_id = request.request_id
+        pending_s = now - self._last_token_s[request_id]
+        lost = request_id in self._lost or (
+            not request.output_token_ids and pending_s > self._ttft_slo_s(request))
+        return pending_s * LOST_VALUE_SCALE if lost else pending_s
+
+    def update_from_output(self, output, sampled_token_ids, step_time_s=None):  # type: ignore[no-untyped-def]
+        finished = super().update_from_output(output, sampled_token_ids, step_time_s)
+        now = self.clock()
+        for request_id in sampled_token_ids:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue  # finished in this step
+            if request.num_output_tokens == 1:
+                if now - self._arrival_s[request_id] > self._ttft_slo_s(request):
+                    self._lost.add(request_id)
+            elif now - self._last_token_s[request_id] > self._tbt_slo_s(request):
+                self._num_tbt_misses[request_id] += 1
+                allowed = TBT_MISS_FRACTION * (request.sampling.max_tokens - 1)
+                if self._num_tbt_misses[request_id] > allowed:
+                    self._lost.add(request_id)
+            self._last_token_s[request_id] = now
+        return finished
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        bm.commit_pending()
+        now = self.clock()
+        values = {rid: self.value(r, now) for rid, r in self._requests.items()}
+        decodes = [r for r in self._requests.values()
+                   if r.num_computed_tokens and r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self._requests.values() if r.num_uncomputed_tokens > 1
+                    or not r.num_computed_tokens]
+        plan = _Plan()
+        decode_first = (sum(values[r.request_id] for r in decodes)
+                        > sum(values[r.request_id] for r in prefills))
+        for step in ((self._decode_step, self._prefill_step) if decode_first
+                     else (self._prefill_step, self._decode_step)):
+            step(decodes if step == self._decode_step else prefills, values, plan)
+            if plan.selected:
+                break
+        if not plan.selected and self._requests:
+            self._force_one(decodes or prefills, values, plan)
+
+        # A request left out of one step keeps its cache and its place: only one that
+        # lost its device cache (swapped out or dropped) counts as preempted.
+        self.num_preemptions_total += len(plan.evicted)
+        self._running = set(plan.selected)
+        return SchedulerOutput(
+            step_id=self._next_step_id(),
+            scheduled=tuple(plan.selected.values()),
+            preempted_ids=tuple(plan.evicted),
+            swap_out=tuple(plan.swap_out),
+            swap_in=tuple(plan.swap_in),
+        )
+
+    def _options(self, request: Request, value: float, num_decodes: int) -> list[Option]:
+        """Ways to serve ``request``: its current mode if it has a cache, else KV or hidden."""
+        bm = self.block_manager
+        request_id = request.request_id
+        num_tokens = request.num_tokens
+        kv_blocks = bm.blocks_for_tokens(num_tokens)
+        # U: the decode batch a hidden request slows down, itself included.
+        penalty = min(num_decodes + 1, self.config.max_batch_size) * (
+            self.recompute_s_per_block * kv_blocks)
+        hidden_value = max(value - penalty, value * LOST_VALUE_SCALE)
+        if bm.has_blocks(request_id) or bm.is_on_host(request_id):
+            hidden = bm.is_hidden(request_id)
+            return [Option(request.cache_mode, bm.blocks_for_tokens(num_tokens, hidden),
+                           hidden_value if hidden else value)]
+        options = [Option(CacheMode.KV, kv_blocks, value)]
+        if bm.supports_hidden:
+            options.append(Option(CacheMode.HIDDEN, bm.blocks_for_tokens(num_tokens, True),
+                                  hidden_value))
+        return options
+
+    def _decode_step(self, decodes: list[Request], values: dict[str, float],
+                     plan: _Plan) -> None:
+        """One token for the most valuable decodable requests that fit the device pool."""
+        bm = self.block_manager
+        if not decodes:
+            return
+        decode_ids = {r.request_id for r in decodes}
+        # Blocks held by unfinished prefills stay theirs in a decode step.
+        capacity = bm.num_blocks - sum(bm.num_device_blocks_of(rid)
+                                       for rid in bm.device_owners() if rid not in decode_ids)
+        candidates = {r.request_id: self._options(r, values[r.request_id], len(decodes))
+                      for r in decodes}
+        selection = choose(candidates, capacity)
+        chosen = sorted(selection.chosen.items(),
+                        key=lambda kv: -kv[1].value / max(kv[1].num_blocks, 1))
+        chosen = chosen[:self.config.max_batch_size]
+        keep = {rid for rid, _ in chosen}
+        for request_id, _ in chosen:
+            self._admit(self._requests[request_id], 1, plan, keep, values)
+        self.num_decode_steps += bool(plan.selected)
+
+    def _prefill_step(self, prefills: list[Request], values: dict[str, float],
+                      plan: _Plan) -> None:
+        """Prefill chunks for the most valuable requests that fit the free device blocks."""
+        bm = self.block_manager
+        if not prefills:
+            return
+        num_decodes = sum(1 for r in self._requests.values()
+                          if r.num_computed_tokens and r.num_uncomputed_tokens == 1)
+        resident_decodes = sum(1 for rid in bm.device_owners()
+                               if self._requests[rid].num_uncomputed_tokens == 1)
+        # Resident decoders keep room to grow by a block each; their blocks are not ours.
+        capacity = bm.num_free_blocks - resident_decodes
+        candidates = {}
+        for request in prefills:
+            request_id = request.request_id
+            options = self._options(request, values[request_id], num_decodes)
+            held = bm.num_device_blocks_of(request_id)
+            candidates[request_id] = [Option(o.mode, o.num_blocks - held, o.value)
+                                      for o in options]
+        selection = choose(candidates, capacity)
+        # Unfinished prefills first (their blocks are spent), then by value.
+        chosen = sorted(selection.chosen.items(), key=lambda kv: (
+            not self._requests[kv[0]].num_computed_tokens, -kv[1].value))
+        budget = self.config.max_num_batched_tokens
+        max_resident = self.config.max_batch_size
+        keep = {rid for rid, _ in chosen}
+        for request_id, option in chosen:
+            request = self._requests[request_id]
+            is_new = not bm.has_blocks(request_id) and not bm.is_on_host(request_id)
+            if budget <= 0 or (is_new and len(bm.device_owners()) >= max_resident):
+                break
+            if is_new:
+                self._set_mode(request, option.mode)
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            if self._admit(request, num_tokens, plan, keep, values) is not None:
+                budget -= num_tokens
+        self.num_prefill_steps += bool(plan.selected)
+
+    def _force_one(self, candidates: list[Request], values: dict[str, float],
+                   plan: _Plan) -> None:
+        """Nothing fit: run the most valuable request alone, evicting whoever is in the way.
+
+        Every request fits the pool alone (checked on arrival), so this always progresses.
+        """
+        request = max(candidates, key=lambda r: values[r.request_id])
+        if not self.block_manager.has_blocks(request.request_id) and not (
+                self.block_manager.is_on_host(request.request_id)):
+            self._set_mode(request, CacheMode.KV)
+        num_tokens = min(request.num_uncomputed_tokens, self.config.max_num_batched_tokens)
+        item = self._admit(request, num_tokens, plan, {request.request_id}, values, force=True)
+        assert item is not None, "a request alone always fits"
+
+    def _set_mode(self, request: Request, mode: object) -> None:
+        assert isinstance(mode, CacheMode)
+        if mode is not request.cache_mode and request.num_preemptions:
+            self.num_mode_switches += 1  # the switch rides on its recomputation
+        request.cache_mode = mode
+
+    def _admit(
+        self, request: Request, num_tokens: int, plan: _Plan, keep: set[str],
+        values: dict[str, float], force: bool = False,
+    ) -> ScheduledRequest | None:
+        """Blocks (evicting requests outside ``keep``), swap-in if needed, then schedule."""
+        bm = self.block_manager
+        request_id = request.request_id
+        needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens,
+                                             request.hidden)
+                     - bm.num_device_blocks_of(request_id))
+        if needed > bm.num_free_blocks:
+            victims = sorted((rid for rid in bm.device_owners()
+                              if rid not in keep and rid not in plan.selected),
+                             key=lambda rid: values[rid])
+            for victim_id in victims:
+                if bm.num_free_blocks >= needed:
+                    break
+                self._evict(self._requests[victim_id], plan)
+            if bm.num_free_blocks < needed:
+                if not force:
+                    return None
+                raise AssertionError("forced admission found no room")
+        if bm.is_on_host(request_id):
+            pairs = bm.swap_in(request_id)
+            assert pairs is not None, "room was made above"
+            plan.swap_in.append(BlockSwap(request_id, tuple(pairs)))
+            self.num_swap_ins += 1
+            self.num_blocks_swapped_in += len(pairs)
+        item = self._try_schedule(request, num_tokens)
+        if item is not None:
+            plan.selected[request_id] = item
+        return item
+
+    def _evict(self, victim: Request, plan: _Plan) -> None:
+        """Swap ``victim``'s cache to the host tier, or drop it (recomputation) if full."""
+        victim_id = victim.request_id
+        plan.evicted.append(victim_id)
+        pairs = self.block_manager.swap_out(victim_id, reuse_now=True)
+        if pairs is not None:
+            plan.swap_out.append(BlockSwap(victim_id, tuple(pairs), blocking=True))
+            self.num_swap_outs += 1
+            self.num_blocks_swapped_out += len(pairs)
+            victim.status = RequestStatus.PREEMPTED
+        else:
+            self._preempt_by_recompute(victim)
