@@ -1,0 +1,162 @@
+"""Iteration and swap time as functions of the batch: what the simulator uses instead of a model.
+
+One iteration of the engine is ``schedule -> swaps -> forward -> sample -> detokenize``.
+Its time is modelled as linear in the batch's shape::
+
+    t = fixed_s
+      + per_prefill_token_s        * prefill tokens          (projections, MLP)
+      + per_decode_token_s         * decode tokens
+      + per_decode_context_token_s * sum of decode contexts  (decode attention reads the KV)
+      + per_prefill_attention_s    * sum of chunk x context  (prefill attention, quadratic)
+      + per_sampled_token_s        * sampled tokens          (serving: detokenize, respond)
+
+and a swap of ``b`` bytes takes ``swap_fixed_s + b / swap_bytes_per_s``. On a CPU the
+engine copies swaps synchronously before the forward (their time adds up); on a GPU they
+run on a copy stream and only blocking ones delay the forward (``swap_overlaps_compute``).
+
+``request_latency_s`` (client send to engine queue) and ``response_latency_s`` (engine
+output to client) are one-way serving latencies added around the engine's timeline.
+
+It also satisfies the scheduler's ``CostModel`` protocol (``prefill_time_s``), so
+policies that estimate prefill time run on it in the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..core.scheduler import SchedulerOutput
+
+COEFFICIENTS = (
+    "fixed_s",
+    "per_prefill_token_s",
+    "per_decode_token_s",
+    "per_decode_context_token_s",
+    "per_prefill_attention_s",
+    "per_sampled_token_s",
+)
+
+
+class BatchShape(NamedTuple):
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    decode_context_tokens: int = 0
+    prefill_attention_tokens: int = 0  # sum over prefill chunks of chunk tokens x context
+    num_sampled_tokens: int = 0
+
+    def features(self) -> tuple[float, ...]:
+        """The regressors, in the order of ``COEFFICIENTS``."""
+        return (
+            1.0,
+            self.num_prefill_tokens,
+            self.num_decode_tokens,
+            self.decode_context_tokens,
+            self.prefill_attention_tokens,
+            self.num_sampled_tokens,
+        )
+
+
+def batch_shape(output: SchedulerOutput) -> BatchShape:
+    """The shape of one planned iteration."""
+    prefill = decode = decode_ctx = prefill_attn = sampled = 0
+    for item in output.scheduled:
+        n = len(item.token_ids)
+        context = item.start_position + n
+        if n == 1 and item.start_position > 0:
+            decode += 1
+            decode_ctx += context
+        else:
+            prefill += n
+            prefill_attn += n * context
+        sampled += item.sample
+    return BatchShape(prefill, decode, decode_ctx, prefill_attn, sampled)
+
+
+@dataclass(frozen=True)
+class IterationCostModel:
+    fixed_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+    per_decode_token_s: float = 0.0
+    per_decode_context_token_s: float = 0.0
+    per_prefill_attention_s: float = 0.0
+    per_sampled_token_s: float = 0.0
+    swap_fixed_s: float = 0.0
+    swap_bytes_per_s: float = float("inf")
+    swap_overlaps_compute: bool = False
+    request_latency_s: float = 0.0
+    response_latency_s: float = 0.0
+    # KV bytes of one token (all layers, K and V): turns kv_cache_bytes into blocks.
+    kv_bytes_per_token: int = 0
+    max_model_len: int = 0
+    # Provenance: the command, machine and date, or the publication and derivation.
+    source: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        negative = [
+            f.name
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 0
+        ]
+        if negative:
+            raise ValueError(f"cost model coefficients must be >= 0: {negative}")
+        if self.swap_bytes_per_s <= 0:
+            raise ValueError("swap_bytes_per_s must be positive")
+
+    def iteration_time_s(self, shape: BatchShape) -> float:
+        return (
+            self.fixed_s
+            + self.per_prefill_token_s * shape.num_prefill_tokens
+            + self.per_decode_token_s * shape.num_decode_tokens
+            + self.per_decode_context_token_s * shape.decode_context_tokens
+            + self.per_prefill_attention_s * shape.prefill_attention_tokens
+            + self.per_sampled_token_s * shape.num_sampled_tokens
+        )
+
+    def swap_time_s(self, num_bytes: int) -> float:
+        return 0.0 if num_bytes <= 0 else self.swap_fixed_s + num_bytes / self.swap_bytes_per_s
+
+    def prefill_time_s(self, num_tokens: int) -> float:
+        """The ``CostModel`` protocol: one iteration prefilling ``num_tokens`` alone."""
+        return self.iteration_time_s(
+            BatchShape(
+                num_prefill_tokens=num_tokens,
+                prefill_attention_tokens=num_tokens * num_tokens,
+                num_sampled_tokens=1,
+            )
+        )
+
+    def with_coefficients(self, **values: float) -> IterationCostModel:
+        data = asdict(self)
+        data.update(values)
+        return IterationCostModel(**data)
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        if data["swap_bytes_per_s"] == float("inf"):
+            data["swap_bytes_per_s"] = None
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> IterationCostModel:
+        data = json.loads(Path(path).read_text())
+        if data.get("swap_bytes_per_s") is None:
+            data["swap_bytes_per_s"] = float("inf")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown cost model fields {sorted(unknown)}")
+        return cls(**data)
+
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+def load_profile(name_or_path: str | Path) -> IterationCostModel:
+    """A saved cost model: a path, or the name of one in ``sim/profiles/`` (no ``.json``)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = PROFILES_DIR / f"{name_or_path}.json"
+    return IterationCostModel.load(path)

@@ -1,0 +1,45 @@
+"""The simulator's event queue and its tie-breaking rule.
+
+Events are ordered by the key ``(time_s, kind, seq)``:
+
+1. ``time_s``: earlier first.
+2. ``kind`` at the same instant, in ``EventKind`` order: an iteration's results are
+   applied first (``ITERATION_END``), then requests that arrived are queued
+   (``ARRIVAL``), then the next iteration is planned (``STEP``). This is the engine
+   loop's own order: ``step()`` returns, the loop drains its inbox, ``step()`` again; a
+   request arriving exactly when an iteration ends is seen by the next plan.
+3. ``seq``: the order of ``push`` calls, so equal events keep insertion (FIFO) order and
+   the payloads themselves are never compared.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from typing import Any
+
+
+class EventKind(enum.IntEnum):
+    ITERATION_END = 0
+    ARRIVAL = 1
+    STEP = 2
+
+
+class EventQueue:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = itertools.count()
+
+    def push(self, time_s: float, kind: EventKind, payload: Any = None) -> None:
+        heapq.heappush(self._heap, (time_s, int(kind), next(self._seq), payload))
+
+    def pop(self) -> tuple[float, EventKind, Any]:
+        time_s, kind, _, payload = heapq.heappop(self._heap)
+        return time_s, EventKind(kind), payload
+
+    def peek_time_s(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def __len__(self) -> int:
+        return len(self._heap)

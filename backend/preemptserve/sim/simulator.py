@@ -1,0 +1,254 @@
+"""Discrete-event simulation of one engine: the real scheduler and block manager, a cost model.
+
+The engine loop (``serving/engine_loop.py`` + ``LLMEngine.step``) does, forever::
+
+    drain the inbox (add_request for each arrival)
+    output = scheduler.schedule()          # MLFQ commits pending frees inside
+    execute swaps, forward, sample         # <- replaced by the cost model's time
+    scheduler.update_from_output(output, sampled, step_time_s)
+
+The simulator makes the same calls in the same order on a virtual clock (the scheduler's
+injected ``clock``). Each sampled token is emitted at its iteration's end; the client sees
+it ``response_latency_s`` later, and a request reaches the engine ``request_latency_s``
+after its arrival. Any registered policy runs unchanged; policies that declare
+``requires_cost_model`` get the cost model itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..bench.metrics import RequestTimeline
+from ..config import SchedulerConfig, serving_config_from_parameters
+from ..core.block_manager import BlockManager
+from ..core.request import Request, SamplingParams
+from ..core.scheduler import create_scheduler, policy_class
+from ..core.scheduler.output import SchedulerOutput
+from .cost_model import IterationCostModel, batch_shape
+from .events import EventKind, EventQueue
+
+logger = logging.getLogger(__name__)
+
+# The simulated model samples this id; with no end_id a request ends at max_tokens.
+_TOKEN_ID = 0
+_MAX_EMPTY_ITERATIONS = 10_000
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    scheduler: SchedulerConfig
+    num_blocks: int
+    block_size: int
+    num_host_blocks: int = 0
+    max_model_len: int | None = None
+    block_bytes: int = 0
+    check_invariants: bool = False  # check_invariants() after every call (slow)
+
+    @classmethod
+    def from_parameters(
+        cls,
+        parameters: Mapping[str, str],
+        cost_model: IterationCostModel,
+        check_invariants: bool = False,
+    ) -> SimConfig:
+        """The engine's sizes from the same ``config.pbtxt`` parameters the server reads."""
+        engine = serving_config_from_parameters(parameters).engine
+        if cost_model.kv_bytes_per_token <= 0:
+            raise ValueError("the cost model has no kv_bytes_per_token to size the pools")
+        block_bytes = engine.cache.block_size * cost_model.kv_bytes_per_token
+        num_blocks = engine.cache.kv_cache_bytes // block_bytes
+        limits = [num_blocks * engine.cache.block_size]
+        limits += [n for n in (engine.max_model_len, cost_model.max_model_len) if n]
+        return cls(
+            engine.scheduler,
+            num_blocks,
+            engine.cache.block_size,
+            engine.cache.host_kv_cache_bytes // block_bytes,
+            min(limits),
+            block_bytes,
+            check_invariants,
+        )
+
+
+@dataclass
+class _Tracked:
+    index: int
+    arrival_s: float
+    input_tokens: int
+    token_times_s: array = field(default_factory=lambda: array("d"))
+
+
+@dataclass
+class SimResult:
+    policy: str
+    tracked: list[_Tracked]
+    finish_s: dict[int, float]
+    rejected: list[int]
+    num_iterations: int = 0
+    busy_s: float = 0.0
+    swap_s: float = 0.0
+    num_swap_outs: int = 0
+    num_swap_ins: int = 0
+    num_preemptions: int = 0
+    num_recomputations: int = 0
+    end_s: float = 0.0
+    wall_s: float = 0.0
+
+    def timelines(self) -> list[RequestTimeline]:
+        """Finished requests as the client would see them (rejected ones left out)."""
+        return [
+            RequestTimeline(
+                str(t.index), t.arrival_s, t.input_tokens, t.token_times_s, self.finish_s[t.index]
+            )
+            for t in self.tracked
+            if t.index in self.finish_s
+        ]
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            k: getattr(self, k)
+            for k in (
+                "num_iterations",
+                "busy_s",
+                "swap_s",
+                "num_swap_outs",
+                "num_swap_ins",
+                "num_preemptions",
+                "num_recomputations",
+                "end_s",
+                "wall_s",
+            )
+        } | {"num_rejected": len(self.rejected)}
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, cost_model: IterationCostModel, workload: Any) -> None:
+        self.config = config
+        self.cost_model = cost_model
+        self.workload = workload
+        self.now_s = 0.0
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.num_host_blocks
+        )
+        needs_model = policy_class(config.scheduler.policy).requires_cost_model
+        self.scheduler = create_scheduler(
+            config.scheduler,
+            self.block_manager,
+            clock=lambda: self.now_s,
+            cost_model=cost_model if needs_model else None,
+        )
+
+    def run(self, on_finish: Callable[[int], None] | None = None) -> SimResult:
+        """Simulate the whole workload; ``on_finish(n)`` after each ``n`` finishes."""
+        wall_start = time.perf_counter()
+        cost, sched, bm, cfg = self.cost_model, self.scheduler, self.block_manager, self.config
+        events = EventQueue()
+        specs = self.workload.requests
+        for spec in specs:
+            events.push(spec.arrival_time_s + cost.request_latency_s, EventKind.ARRIVAL, spec)
+        # Indexed by position; ``_admit`` looks requests up by ``spec.index``.
+        if any(spec.index != i for i, spec in enumerate(specs)):
+            raise ValueError("workload request indices must be 0, 1, 2, ... in order")
+        tracked = [_Tracked(s.index, s.arrival_time_s, s.input_tokens) for s in specs]
+        by_id: dict[str, _Tracked] = {}
+        result = SimResult(cfg.scheduler.policy, tracked, {}, [])
+        inbox: list[Any] = []
+        busy = False  # an iteration is in flight or a STEP is queued
+        empty_in_a_row = 0
+        response_latency_s = cost.response_latency_s
+        while events:
+            now, kind, payload = events.pop()
+            self.now_s = now
+            if kind is EventKind.ARRIVAL:
+                inbox.append(payload)
+                if not busy:
+                    busy = True
+                    events.push(now, EventKind.STEP)
+            elif kind is EventKind.STEP:
+                for spec in inbox:
+                    self._admit(spec, tracked, by_id, result)
+                inbox.clear()
+                if not sched.has_unfinished():
+                    busy = False
+                    continue
+                output = sched.schedule()
+                if cfg.check_invariants:
+                    bm.check_invariants()
+                duration_s, swap_s = self._iteration_time_s(output)
+                result.num_iterations += 1
+                result.busy_s += duration_s
+                result.swap_s += swap_s
+                result.num_swap_outs += len(output.swap_out)
+                result.num_swap_ins += len(output.swap_in)
+                empty_in_a_row = empty_in_a_row + 1 if output.is_empty else 0
+                if empty_in_a_row > _MAX_EMPTY_ITERATIONS:
+                    raise RuntimeError(
+                        f"{cfg.scheduler.policy}: the scheduler planned "
+                        f"{_MAX_EMPTY_ITERATIONS} empty iterations in a row"
+                    )
+                events.push(now + duration_s, EventKind.ITERATION_END, (output, duration_s))
+            else:
+                output, duration_s = payload
+                sampled = {item.request_id: _TOKEN_ID for item in output.scheduled if item.sample}
+                finished = sched.update_from_output(output, sampled, duration_s)
+                if cfg.check_invariants:
+                    bm.check_invariants()
+                emitted_s = now + response_latency_s
+                for request_id in sampled:
+                    by_id[request_id].token_times_s.append(emitted_s)
+                for request in finished:
+                    t = by_id.pop(request.request_id)
+                    result.finish_s[t.index] = emitted_s
+                    if on_finish is not None:
+                        on_finish(1)
+                events.push(now, EventKind.STEP)
+        result.num_preemptions = sched.num_preemptions_total
+        result.num_recomputations = sched.num_recomputations_total
+        result.end_s = self.now_s
+        result.wall_s = time.perf_counter() - wall_start
+        if by_id:
+            raise RuntimeError(f"{len(by_id)} requests never finished")
+        return result
+
+    def _admit(
+        self, spec: Any, tracked: list[_Tracked], by_id: dict[str, _Tracked], result: SimResult
+    ) -> None:
+        """``LLMEngine.add_request``'s checks, then the scheduler's."""
+        max_len = self.config.max_model_len
+        if max_len is not None and spec.input_tokens + spec.output_tokens > max_len:
+            result.rejected.append(spec.index)
+            return
+        request = Request(
+            request_id=str(spec.index),
+            prompt_token_ids=[_TOKEN_ID] * spec.input_tokens,
+            sampling=SamplingParams(
+                max_tokens=spec.output_tokens, min_length=spec.output_tokens, temperature=0.0
+            ),
+            arrival_time_s=self.now_s,
+        )
+        try:
+            self.scheduler.add_request(request)
+        except ValueError:
+            result.rejected.append(spec.index)
+            return
+        by_id[request.request_id] = tracked[spec.index]  # positions: see run()
+
+    def _iteration_time_s(self, output: SchedulerOutput) -> tuple[float, float]:
+        """(iteration time, of which swaps) for one planned iteration."""
+        cost = self.cost_model
+        compute_s = cost.iteration_time_s(batch_shape(output))
+        block_bytes = self.config.block_bytes
+        if cost.swap_overlaps_compute:
+            # Only blocking swap-outs and swap-ins of scheduled requests hold the forward.
+            scheduled = {item.request_id for item in output.scheduled}
+            waited = [s for s in output.swap_out if s.blocking]
+            waited += [s for s in output.swap_in if s.request_id in scheduled]
+        else:
+            waited = [*output.swap_out, *output.swap_in]
+        swap_s = sum(cost.swap_time_s(s.num_blocks * block_bytes) for s in waited)
+        return compute_s + swap_s, swap_s
