@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preemptserve.core.scheduler.knapsack import Option, choose
+from preemptserve.core.scheduler.knapsack import Option, _hull_general, _hull_of_two, choose
 
 
 def brute_force_optimum(candidates: dict[str, list[Option]], capacity: int) -> float:
@@ -93,3 +93,11 @@ def test_options_that_cannot_help_are_never_chosen() -> None:
         "zero": [Option("kv", 1, 0.0)],
     }
     assert choose(candidates, 8).chosen == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.floats(-5.0, 5.0)), min_size=2, max_size=2),
+       st.integers(0, 12))
+def test_the_two_option_shortcut_builds_the_general_hull(pairs, capacity) -> None:
+    options = [Option(i, blocks, value) for i, (blocks, value) in enumerate(pairs)]
+    assert _hull_of_two(options, capacity) == _hull_general(options, capacity)

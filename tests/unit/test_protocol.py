@@ -272,3 +272,24 @@ def test_negative_min_length() -> None:
 
 def test_invalid_request_is_a_value_error() -> None:
     assert issubclass(InvalidRequest, ValueError)
+
+
+def test_slo_request_parameters_in_milliseconds() -> None:
+    inputs = make_inputs()
+    parsed = parse_generate_request(inputs, default_exclude_input=False,
+                                    parameters={"ttft_slo_ms": 250, "tbt_slo_ms": "40"})
+    assert parsed.ttft_slo_s == pytest.approx(0.25)
+    assert parsed.tbt_slo_s == pytest.approx(0.04)
+    assert parse_generate_request(inputs, default_exclude_input=False).ttft_slo_s is None
+    # Parameters this model does not read are left alone (Triton may add its own).
+    other = parse_generate_request(inputs, default_exclude_input=False,
+                                   parameters={"priority": 3})
+    assert other.ttft_slo_s is None and other.tbt_slo_s is None
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon", float("nan"), float("inf"), True, [1]])
+def test_bad_slo_parameters(value: object) -> None:
+    inputs = make_inputs()
+    with pytest.raises(InvalidRequest, match="ttft_slo_ms"):
+        parse_generate_request(inputs, default_exclude_input=False,
+                               parameters={"ttft_slo_ms": value})

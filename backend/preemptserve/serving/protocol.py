@@ -6,6 +6,7 @@ tools written for it (genai-perf, the ``generate`` endpoint examples) work uncha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,13 @@ class GenerateRequest:
     sampling: SamplingParams
     stream: bool
     exclude_input_in_output: bool
+    # Per-request latency objectives (request parameters); None: the model's defaults.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+
+
+# Request parameters (not tensors) this model reads: name -> GenerateRequest field.
+SLO_PARAMETERS = {"ttft_slo_ms": "ttft_slo_s", "tbt_slo_ms": "tbt_slo_s"}
 
 
 class InvalidRequest(ValueError):
@@ -48,10 +56,33 @@ def _text(value: object, name: str) -> str:
     raise InvalidRequest(f"input '{name}' must be a string (BYTES), got {type(value).__name__}")
 
 
+def _slo_seconds(parameters: Mapping[str, object], name: str) -> float | None:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        milliseconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            f"request parameter '{name}' must be a number of milliseconds, got {value!r}"
+        ) from None
+    if not (math.isfinite(milliseconds) and milliseconds > 0):
+        raise InvalidRequest(f"request parameter '{name}' must be positive, got {value!r}")
+    return milliseconds / 1000.0
+
+
 def parse_generate_request(
-    inputs: Mapping[str, np.ndarray | None], *, default_exclude_input: bool
+    inputs: Mapping[str, np.ndarray | None], *, default_exclude_input: bool,
+    parameters: Mapping[str, object] | None = None,
 ) -> GenerateRequest:
-    """Validate the tensors of one request; raise ``InvalidRequest`` with a clear message."""
+    """Validate the tensors and parameters of one request.
+
+    ``parameters`` are the request's Triton parameters (``ttft_slo_ms``, ``tbt_slo_ms``;
+    others are ignored). Raises ``InvalidRequest`` with a clear message.
+    """
+    parameters = parameters or {}
     text = inputs.get("text_input")
     if text is None:
         raise InvalidRequest("missing required input 'text_input'")
@@ -102,6 +133,7 @@ def parse_generate_request(
         exclude_input_in_output=bool(
             opt("exclude_input_in_output", "b", "a boolean (BOOL)", default_exclude_input)
         ),
+        **{field: _slo_seconds(parameters, name) for name, field in SLO_PARAMETERS.items()},
     )
 
 

@@ -50,6 +50,9 @@ class _Plan:
     swap_out: list[BlockSwap] = field(default_factory=list)
     swap_in: list[BlockSwap] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
+    # Resident requests outside the step's choice, most valuable first (popped from the
+    # end): built on the first eviction of a step.
+    victims: list[str] | None = None
 
 
 @register_policy("apt")
@@ -70,6 +73,7 @@ class AptScheduler(Scheduler):
         self._num_tbt_misses: dict[str, int] = {}
         self._lost: set[str] = set()
         self.num_prefill_steps = self.num_decode_steps = 0
+        self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0
         self.num_swap_outs = self.num_swap_ins = 0
         self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
@@ -172,19 +176,15 @@ class AptScheduler(Scheduler):
         request_id = request.request_id
         num_tokens = request.num_tokens
         kv_blocks = bm.blocks_for_tokens(num_tokens)
+        has_cache = bm.has_blocks(request_id) or bm.is_on_host(request_id)
+        if (has_cache and not request.hidden) or not bm.supports_hidden:
+            return [Option(CacheMode.KV, kv_blocks, value)]
         # U: the decode batch a hidden request slows down, itself included.
         penalty = min(num_decodes + 1, self.config.max_batch_size) * (
             self.recompute_s_per_block * kv_blocks)
-        hidden_value = max(value - penalty, value * LOST_VALUE_SCALE)
-        if bm.has_blocks(request_id) or bm.is_on_host(request_id):
-            hidden = bm.is_hidden(request_id)
-            return [Option(request.cache_mode, bm.blocks_for_tokens(num_tokens, hidden),
-                           hidden_value if hidden else value)]
-        options = [Option(CacheMode.KV, kv_blocks, value)]
-        if bm.supports_hidden:
-            options.append(Option(CacheMode.HIDDEN, bm.blocks_for_tokens(num_tokens, True),
-                                  hidden_value))
-        return options
+        hidden = Option(CacheMode.HIDDEN, bm.blocks_for_tokens(num_tokens, True),
+                        max(value - penalty, value * LOST_VALUE_SCALE))
+        return [hidden] if has_cache else [Option(CacheMode.KV, kv_blocks, value), hidden]
 
     def _decode_step(self, decodes: list[Request], values: dict[str, float],
                      plan: _Plan) -> None:
@@ -192,6 +192,7 @@ class AptScheduler(Scheduler):
         bm = self.block_manager
         if not decodes:
             return
+        plan.victims = None
         decode_ids = {r.request_id for r in decodes}
         # Blocks held by unfinished prefills stay theirs in a decode step.
         capacity = bm.num_blocks - sum(bm.num_device_blocks_of(rid)
@@ -199,6 +200,7 @@ class AptScheduler(Scheduler):
         candidates = {r.request_id: self._options(r, values[r.request_id], len(decodes))
                       for r in decodes}
         selection = choose(candidates, capacity)
+        self.last_num_candidates = len(candidates)
         chosen = sorted(selection.chosen.items(),
                         key=lambda kv: -kv[1].value / max(kv[1].num_blocks, 1))
         chosen = chosen[:self.config.max_batch_size]
@@ -227,17 +229,20 @@ class AptScheduler(Scheduler):
             candidates[request_id] = [Option(o.mode, o.num_blocks - held, o.value)
                                       for o in options]
         selection = choose(candidates, capacity)
+        self.last_num_candidates = len(candidates)
         # Unfinished prefills first (their blocks are spent), then by value.
         chosen = sorted(selection.chosen.items(), key=lambda kv: (
             not self._requests[kv[0]].num_computed_tokens, -kv[1].value))
         budget = self.config.max_num_batched_tokens
-        max_resident = self.config.max_batch_size
+        num_resident = len(bm.device_owners())
         keep = {rid for rid, _ in chosen}
+        plan.victims = None
         for request_id, option in chosen:
             request = self._requests[request_id]
             is_new = not bm.has_blocks(request_id) and not bm.is_on_host(request_id)
-            if budget <= 0 or (is_new and len(bm.device_owners()) >= max_resident):
+            if budget <= 0 or (is_new and num_resident >= self.config.max_batch_size):
                 break
+            num_resident += is_new
             if is_new:
                 self._set_mode(request, option.mode)
             num_tokens = min(request.num_uncomputed_tokens, budget)
@@ -256,6 +261,7 @@ class AptScheduler(Scheduler):
                 self.block_manager.is_on_host(request.request_id)):
             self._set_mode(request, CacheMode.KV)
         num_tokens = min(request.num_uncomputed_tokens, self.config.max_num_batched_tokens)
+        plan.victims = None
         item = self._admit(request, num_tokens, plan, {request.request_id}, values, force=True)
         assert item is not None, "a request alone always fits"
 
@@ -272,17 +278,23 @@ class AptScheduler(Scheduler):
         """Blocks (evicting requests outside ``keep``), swap-in if needed, then schedule."""
         bm = self.block_manager
         request_id = request.request_id
+        if bm.has_blocks(request_id):
+            # The common case, a resident request that fits: no eviction, no host lookup.
+            item = self._try_schedule(request, num_tokens)
+            if item is not None:
+                plan.selected[request_id] = item
+                return item
         needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens,
                                              request.hidden)
                      - bm.num_device_blocks_of(request_id))
         if needed > bm.num_free_blocks:
-            victims = sorted((rid for rid in bm.device_owners()
-                              if rid not in keep and rid not in plan.selected),
-                             key=lambda rid: values[rid])
-            for victim_id in victims:
-                if bm.num_free_blocks >= needed:
-                    break
-                self._evict(self._requests[victim_id], plan)
+            if plan.victims is None:
+                plan.victims = sorted((rid for rid in bm.device_owners() if rid not in keep),
+                                      key=lambda rid: values[rid], reverse=True)
+            while bm.num_free_blocks < needed and plan.victims:
+                victim_id = plan.victims.pop()
+                if bm.has_blocks(victim_id) and victim_id not in plan.selected:
+                    self._evict(self._requests[victim_id], plan)
             if bm.num_free_blocks < needed:
                 if not force:
                     return None

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Option:
-    """One way to serve a candidate: its memory (blocks) and the value of serving it."""
+class Option(NamedTuple):
+    """One way to serve a candidate: its memory (blocks) and the value of serving it.
+
+    (A named tuple: thousands are built per iteration.)
+    """
 
     mode: Hashable
     num_blocks: int
@@ -46,6 +49,32 @@ class Selection:
 
 def _hull(options: Sequence[Option], capacity: int) -> list[Option]:
     """Options on the upper convex hull from the origin, by increasing blocks."""
+    if len(options) == 1:  # the common cases, without the general search
+        (only,) = options
+        return [only] if only.value > 0 and only.num_blocks <= capacity else []
+    if len(options) == 2:
+        return _hull_of_two(options, capacity)
+    return _hull_general(options, capacity)
+
+
+def _hull_of_two(options: Sequence[Option], capacity: int) -> list[Option]:
+    small, large = sorted(options, key=lambda o: (o.num_blocks, -o.value))
+    small_ok = small.value > 0 and small.num_blocks <= capacity
+    if not (large.value > 0 and large.num_blocks <= capacity):
+        return [small] if small_ok else []
+    if not small_ok or large.value <= small.value:  # one of them is never worth it
+        return [small] if small_ok and small.value >= large.value else [large]
+    if large.num_blocks == small.num_blocks:
+        return [large]
+    # The smaller option is a step of its own if it gains at least what the upgrade does
+    # per block (compared by cross-multiplying: no division by zero blocks).
+    upgrade_blocks = large.num_blocks - small.num_blocks
+    if (large.value - small.value) * small.num_blocks <= small.value * upgrade_blocks:
+        return [small, large]
+    return [large]
+
+
+def _hull_general(options: Sequence[Option], capacity: int) -> list[Option]:
     usable = sorted((o for o in options if o.value > 0 and o.num_blocks <= capacity),
                     key=lambda o: (o.num_blocks, -o.value))
     hull: list[Option] = []
