@@ -58,6 +58,7 @@ class _Plan:
 @register_policy("apt")
 class AptScheduler(Scheduler):
     requires_cost_model = True
+    requires_recompute_cost = True
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)

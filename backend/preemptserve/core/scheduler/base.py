@@ -32,6 +32,8 @@ class Scheduler(ABC):
     policy_name: ClassVar[str] = ""
     # Policies that estimate prefill time get the engine's measured profile.
     requires_cost_model: ClassVar[bool] = False
+    # Policies that weigh hidden-cache mode also need its profiled recompute cost.
+    requires_recompute_cost: ClassVar[bool] = False
 
     def __init__(
         self,
