@@ -91,6 +91,9 @@ class IterationCostModel:
     # KV bytes of one token (all layers, K and V): turns kv_cache_bytes into blocks.
     kv_bytes_per_token: int = 0
     max_model_len: int = 0
+    # For ``apt``'s hybrid cache (``HybridCostModel``): extra decode seconds per block of
+    # context kept as hidden states. Not part of ``iteration_time_s`` yet.
+    hidden_recompute_s_per_block: float | None = None
     # Provenance: the command, machine and date, or the publication and derivation.
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 

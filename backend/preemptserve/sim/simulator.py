@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bench.metrics import RequestTimeline
+from ..bench.metrics import SLO, RequestTimeline
 from ..config import SchedulerConfig, serving_config_from_parameters
 from ..core.block_manager import BlockManager
 from ..core.request import Request, SamplingParams
@@ -48,6 +48,8 @@ class SimConfig:
     max_model_len: int | None = None
     block_bytes: int = 0
     check_invariants: bool = False  # check_invariants() after every call (slow)
+    # Hidden-state cache (apt): tokens per block in hidden mode; 0 disables it.
+    hidden_tokens_per_block: int = 0
 
     @classmethod
     def from_parameters(
@@ -127,13 +129,25 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, config: SimConfig, cost_model: IterationCostModel, workload: Any) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        cost_model: IterationCostModel,
+        workload: Any,
+        slo: SLO | None = None,
+    ) -> None:
+        """``slo``: set on every request as its own objectives (as the load generator
+        sends ``ttft_slo_ms`` / ``tbt_slo_ms``); None leaves the policy's defaults."""
         self.config = config
         self.cost_model = cost_model
         self.workload = workload
+        self.slo = slo
         self.now_s = 0.0
         self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, config.num_host_blocks
+            config.num_blocks,
+            config.block_size,
+            config.num_host_blocks,
+            config.hidden_tokens_per_block,
         )
         needs_model = policy_class(config.scheduler.policy).requires_cost_model
         self.scheduler = create_scheduler(
@@ -231,6 +245,8 @@ class Simulator:
             ),
             arrival_time_s=self.now_s,
         )
+        if self.slo is not None:
+            request.ttft_slo_s, request.tbt_slo_s = self.slo.ttft_s, self.slo.tbt_s
         try:
             self.scheduler.add_request(request)
         except ValueError:

@@ -1,0 +1,365 @@
+"""The commands behind ``python -m preemptserve.bench`` (argument parsing is in ``cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..sim.cost_model import IterationCostModel, load_profile
+from ..sim.simulator import SimConfig, Simulator
+from .metrics import SLO, RequestTimeline, effective_throughput, relative_error, summarize
+from .report import finish_result, markdown, new_result, plot_cdfs, plot_sweep, save_json
+from .server import counter_deltas, policy_server, scrape_metrics, served_parameters, wait_idle
+from .workload import Workload, load_trace, synthetic
+
+logger = logging.getLogger(__name__)
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    if args.trace is not None:
+        return load_trace(args.trace, args.time_scale, args.length_scale, args.max_context)
+    return synthetic(
+        args.workload,
+        args.num_requests,
+        args.rate,
+        args.cv,
+        args.seed,
+        args.length_scale,
+        args.max_context,
+    )
+
+
+def slo_of(args: argparse.Namespace) -> SLO | None:
+    if (args.slo_ttft_s is None) != (args.slo_tbt_s is None):
+        raise SystemExit("give both --slo-ttft-s and --slo-tbt-s, or neither")
+    return None if args.slo_ttft_s is None else SLO(args.slo_ttft_s, args.slo_tbt_s)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key] = value
+    return out
+
+
+def parameters_for(args: argparse.Namespace, policy: str) -> dict[str, str]:
+    """config.pbtxt's parameters, then ``--param``, then this policy's ``--policy-param``."""
+    params = {**served_parameters(), **_pairs(args.param, "--param")}
+    mine = [p.split(":", 1)[1] for p in args.policy_param if p.split(":", 1)[0] == policy]
+    params.update(_pairs(mine, "--policy-param"))
+    params["scheduler_policy"] = policy
+    return params
+
+
+def _request_parameters(slo: SLO | None) -> dict[str, float] | None:
+    if slo is None:
+        return None
+    return {"ttft_slo_ms": slo.ttft_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3}
+
+
+def _prompts(workload: Workload) -> list[str]:
+    from .prompts import PromptBuilder
+
+    return PromptBuilder().prompts(
+        [r.input_tokens for r in workload.requests], seed=int(workload.meta.get("seed", 0))
+    )
+
+
+def _progress(total: int, label: str, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="req", disable=disable, leave=False)
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+def run_on_server(
+    args: argparse.Namespace,
+    server: Any,
+    workload: Workload,
+    prompts: list[str],
+    policy: str,
+    slo: SLO | None,
+    label: str,
+) -> tuple[list[RequestTimeline], dict[str, Any]]:
+    from .loadgen import run_open_loop
+
+    before = scrape_metrics(server.metrics_url)
+    timelines, facts = run_open_loop(
+        server.grpc_url,
+        workload,
+        prompts,
+        label=label,
+        timeout_s=args.timeout,
+        progress=not args.no_progress,
+        request_parameters=_request_parameters(slo),
+    )
+    if not wait_idle(server.metrics_url, 30):
+        raise RuntimeError("requests still in flight after the run")
+    counters = {
+        k.removeprefix("preemptserve_"): v
+        for k, v in counter_deltas(before, scrape_metrics(server.metrics_url)).items()
+        if v
+    }
+    return timelines, {
+        "policy": policy,
+        "backend": "server",
+        "summary": summarize(timelines, slo),
+        "counters": {**facts, **counters},
+    }
+
+
+def run_in_sim(
+    args: argparse.Namespace,
+    workload: Workload,
+    policy: str,
+    cost_model: IterationCostModel,
+    slo: SLO | None,
+    label: str,
+) -> tuple[list[RequestTimeline], dict[str, Any]]:
+    config = SimConfig.from_parameters(
+        parameters_for(args, policy), cost_model, getattr(args, "check_invariants", False)
+    )
+    bar = _progress(len(workload), label, getattr(args, "no_progress", False))
+    result = Simulator(config, cost_model, workload, slo).run(on_finish=bar.update)
+    bar.close()
+    timelines = result.timelines()
+    logger.info("%s: %d requests simulated in %.2f s", label, len(timelines), result.wall_s)
+    return timelines, {
+        "policy": policy,
+        "backend": "sim",
+        "summary": summarize(timelines, slo),
+        "counters": result.counters(),
+    }
+
+
+def _with_servers(args: argparse.Namespace, body: Callable[[str, Any], None]) -> None:
+    """``body(policy, server)`` for each policy, with a fresh server each (warmed up)."""
+    from .loadgen import run_open_loop
+    from .workload import RequestSpec
+
+    workdir = Path(tempfile.mkdtemp(prefix="preemptserve-bench-"))
+    warm = Workload("warm-up", tuple(RequestSpec(i, 0.0, 16, 8) for i in range(4)))
+    try:
+        for policy in args.policies:
+            with policy_server(
+                parameters_for(args, policy), workdir, policy, args.server_threads
+            ) as server:
+                run_open_loop(server.grpc_url, warm, _prompts(warm), progress=False)
+                body(policy, server)
+    except BaseException:
+        logger.error("server logs kept in %s", workdir)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _write(result: dict[str, Any], out: Path, cdfs: dict[str, list[RequestTimeline]]) -> None:
+    finish_result(result)
+    json_path = save_json(result, out.with_suffix(".json"))
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    written = [json_path, out.with_suffix(".md")]
+    if cdfs:
+        written.append(plot_cdfs(cdfs, out.with_name(out.name + "-cdf.png"), result["kind"]))
+    if result.get("sweep"):
+        written.append(plot_sweep(result["sweep"], out.with_name(out.name + "-sweep.png")))
+    print(text)
+    print("written: " + ", ".join(str(p) for p in written))
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def serve_compare(args: argparse.Namespace) -> int:
+    workload, slo = build_workload(args), slo_of(args)
+    prompts = _prompts(workload)
+    result = new_result(
+        "serve-compare",
+        workload=workload.describe(),
+        slo=slo and vars(slo),
+        parameters={
+            "param": args.param,
+            "policy_param": args.policy_param,
+            "server_threads": args.server_threads,
+        },
+        runs={},
+    )
+    cdfs: dict[str, list[RequestTimeline]] = {}
+
+    def body(policy: str, server: Any) -> None:
+        cdfs[policy], result["runs"][policy] = run_on_server(
+            args, server, workload, prompts, policy, slo, policy
+        )
+
+    _with_servers(args, body)
+    _write(result, args.out, cdfs)
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    workload, slo = build_workload(args), slo_of(args)
+    cost_model = load_profile(args.profile)
+    result = new_result(
+        "simulate",
+        workload=workload.describe(),
+        slo=slo and vars(slo),
+        parameters={
+            "profile": args.profile,
+            "param": args.param,
+            "policy_param": args.policy_param,
+        },
+        runs={},
+    )
+    cdfs: dict[str, list[RequestTimeline]] = {}
+    for policy in args.policies:
+        cdfs[policy], result["runs"][policy] = run_in_sim(
+            args, workload, policy, cost_model, slo, policy
+        )
+    _write(result, args.out, cdfs if len(workload) <= 20_000 else {})
+    return 0
+
+
+def fidelity(args: argparse.Namespace) -> int:
+    workload, slo = build_workload(args), slo_of(args)
+    cost_model = load_profile(args.profile)
+    prompts = _prompts(workload)
+    result = new_result(
+        "fidelity",
+        workload=workload.describe(),
+        slo=slo and vars(slo),
+        parameters={
+            "profile": args.profile,
+            "param": args.param,
+            "policy_param": args.policy_param,
+            "server_threads": args.server_threads,
+        },
+        runs={},
+        fidelity=[],
+    )
+    cdfs: dict[str, list[RequestTimeline]] = {}
+
+    def body(policy: str, server: Any) -> None:
+        # Side by side: the simulation runs right after the server run of the same policy.
+        real, result["runs"][f"{policy} server"] = run_on_server(
+            args, server, workload, prompts, policy, slo, f"{policy} server"
+        )
+        simulated, result["runs"][f"{policy} sim"] = run_in_sim(
+            args, workload, policy, cost_model, slo, f"{policy} sim"
+        )
+        cdfs[f"{policy} server"], cdfs[f"{policy} sim"] = real, simulated
+        s = result["runs"][f"{policy} server"]["summary"]
+        p = result["runs"][f"{policy} sim"]["summary"]
+        row: dict[str, Any] = {"policy": policy}
+        for key, metric, stat in (
+            ("mean_jct", "jct_s", "mean"),
+            ("p99_jct", "jct_s", "p99"),
+            ("mean_ttft", "ttft_s", "mean"),
+        ):
+            row[f"server_{key}_s"], row[f"sim_{key}_s"] = s[metric][stat], p[metric][stat]
+            row[f"{key}_error"] = relative_error(p[metric][stat], s[metric][stat])
+        result["fidelity"].append(row)
+        logger.info(
+            "%s: mean JCT error %+.1f%%, P99 JCT error %+.1f%%",
+            policy,
+            100 * row["mean_jct_error"],
+            100 * row["p99_jct_error"],
+        )
+
+    _with_servers(args, body)
+    _write(result, args.out, cdfs)
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    workload, slo = build_workload(args), slo_of(args)
+    if slo is None:
+        raise SystemExit("sweep needs --slo-ttft-s and --slo-tbt-s")
+    if args.backend == "sim" and not args.profile:
+        raise SystemExit("--backend sim needs --profile")
+    result = new_result(
+        "sweep",
+        workload=workload.describe(),
+        slo=vars(slo),
+        parameters={
+            "backend": args.backend,
+            "profile": args.profile,
+            "rates": args.rates,
+            "param": args.param,
+            "policy_param": args.policy_param,
+        },
+        sweep=[],
+        attainment_target=args.attainment_target,
+    )
+
+    def measure(policy: str, run: Callable[[Workload, str], tuple[Any, dict]]) -> None:
+        for rate in sorted(args.rates):
+            _, entry = run(workload.at_rate(rate), f"{policy} @ {rate:g}/s")
+            s = entry["summary"]
+            result["sweep"].append(
+                {
+                    "policy": policy,
+                    "rate_rps": rate,
+                    "mean_jct_s": s["jct_s"]["mean"],
+                    "p99_jct_s": s["jct_s"]["p99"],
+                    "mean_ttft_s": s["ttft_s"]["mean"],
+                    "attainment": s["slo"]["attainment"],
+                    "goodput_rps": s["slo"]["goodput_rps"],
+                }
+            )
+
+    if args.backend == "sim":
+        cost_model = load_profile(args.profile)
+        for policy in args.policies:
+            measure(
+                policy, lambda w, label, p=policy: run_in_sim(args, w, p, cost_model, slo, label)
+            )
+    else:
+        prompts = _prompts(workload)
+        _with_servers(
+            args,
+            lambda policy, server: measure(
+                policy, lambda w, label: run_on_server(args, server, w, prompts, policy, slo, label)
+            ),
+        )
+    result["effective_throughput"] = {
+        policy: effective_throughput(
+            [(p["rate_rps"], p["attainment"]) for p in result["sweep"] if p["policy"] == policy],
+            args.attainment_target,
+        )
+        for policy in args.policies
+    }
+    _write(result, args.out, {})
+    return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    from .profile import calibrate_serving, profile_engine, save_profile
+    from .prompts import PromptBuilder
+
+    started = time.time()
+    model, facts = profile_engine(parameters_for(args, "fcfs"), args.server_threads)
+    source: dict[str, Any] = new_result("profile", engine=facts)
+    if args.server:
+        prompts = PromptBuilder()
+
+        def body(policy: str, server: Any) -> None:
+            nonlocal model
+            model, source["serving"] = calibrate_serving(model, server.grpc_url, prompts)
+
+        args.policies = ["fcfs"]
+        _with_servers(args, body)
+    finish_result(source)
+    source["elapsed_s"] = time.time() - started
+    path = save_profile(model, args.out, source)
+    print(f"cost model written to {path}:\n{model}")
+    return 0

@@ -1,0 +1,242 @@
+"""Profile this machine's engine and fit the simulator's cost model (imports torch).
+
+Three measurements, none taken on the workloads the model is later judged on:
+
+1. In process: ``LLMEngine.step()`` timed over varied batches (lone prefills, decode
+   batches of 1 to 32 requests at several contexts, a random mix), each step's plan
+   recorded; the iteration coefficients are fitted to these ``(shape, seconds)`` pairs.
+2. In process: swap-out and swap-in copies of 1 to 64 blocks -> fixed + bytes/bandwidth.
+3. Through a real ``tritonserver`` (optional): what serving adds. Lone short requests
+   give the request latency (client TTFT - modelled prefill); bursts of 1 to 32
+   concurrent decodes give the per-iteration and per-token overhead (median client token
+   gap - modelled decode iteration), fitted as ``a + b x batch`` and added to
+   ``fixed_s`` and ``per_sampled_token_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import serving_config_from_parameters
+from ..core.request import SamplingParams
+from ..core.scheduler import BlockSwap, SchedulerOutput
+from ..engine.llm_engine import LLMEngine
+from ..sim.cost_model import BatchShape, IterationCostModel, batch_shape
+from ..sim.fit import fit_iteration_coefficients, fit_swap
+from .workload import RequestSpec, Workload
+
+logger = logging.getLogger(__name__)
+
+PREFILL_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
+DECODE_PROMPTS = (16, 128, 384)
+SWAP_BLOCKS = (1, 4, 16, 64)
+
+
+def _engine(parameters: Mapping[str, str], kv_cache_bytes: int) -> LLMEngine:
+    params = {
+        **parameters,
+        "scheduler_policy": "fcfs",
+        "kv_cache_bytes": str(kv_cache_bytes),
+        "kv_cache_host_memory_bytes": str(kv_cache_bytes // 2),
+    }
+    return LLMEngine(serving_config_from_parameters(params).engine)
+
+
+def measure_steps(
+    engine: LLMEngine, seed: int = 0, repeats: int = 2
+) -> list[tuple[BatchShape, float]]:
+    """``(shape, seconds)`` of every non-empty ``step()`` over the profiling scenarios."""
+    plans: list[SchedulerOutput] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule() -> SchedulerOutput:
+        plans.append(schedule())
+        return plans[-1]
+
+    engine.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+    rng = np.random.default_rng(seed)
+    vocab = engine.args.vocab_size
+    samples: list[tuple[BatchShape, float]] = []
+    counter = iter(range(10**9))
+
+    def add(prompt_tokens: int, output_tokens: int) -> None:
+        ids = [1, *rng.integers(3, vocab, prompt_tokens - 1).tolist()]
+        engine.add_request(
+            f"p{next(counter)}",
+            ids,
+            SamplingParams(max_tokens=output_tokens, min_length=output_tokens, temperature=0.0),
+        )
+
+    def run(arrivals: Callable[[], None] | None = None) -> None:
+        while engine.has_unfinished_requests():
+            if arrivals is not None:
+                arrivals()
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            if not plans[-1].is_empty:
+                samples.append((batch_shape(plans[-1]), elapsed))
+
+    capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
+    for _ in range(repeats):
+        for n in PREFILL_LENGTHS:
+            add(n, 1)
+            run()
+        for prompt in DECODE_PROMPTS:
+            for batch in DECODE_BATCHES:
+                if batch * (prompt + 16) <= capacity:
+                    for _ in range(batch):
+                        add(prompt, 16)
+                    run()
+
+        def mixed() -> None:
+            if rng.random() < 0.3 and engine.num_unfinished_requests() < 24:
+                add(int(rng.integers(4, 256)), int(rng.integers(2, 64)))
+
+        add(64, 32)
+        steps = 0
+
+        def mixed_for_a_while() -> None:
+            nonlocal steps
+            steps += 1
+            if steps < 300:
+                mixed()
+
+        run(arrivals=mixed_for_a_while)
+    del engine.scheduler.schedule
+    return samples[5:]  # the first steps warm up allocators and caches
+
+
+def measure_swaps(engine: LLMEngine, repeats: int = 3) -> list[tuple[int, float]]:
+    """``(bytes, seconds)`` of swap-outs and swap-ins of a dummy request's blocks."""
+    bm, swapper = engine.block_manager, engine.swapper
+    block_bytes = swapper._block_bytes
+    samples = []
+    for num_blocks in SWAP_BLOCKS:
+        for _ in range(repeats):
+            assert bm.allocate("__swap__", num_blocks * bm.block_size)
+            for direction in ("out", "in"):
+                pairs = (
+                    bm.swap_out("__swap__", reuse_now=True)
+                    if direction == "out"
+                    else bm.swap_in("__swap__")
+                )
+                assert pairs is not None
+                swap = (BlockSwap("__swap__", tuple(pairs), blocking=True),)
+                plan = SchedulerOutput(
+                    0,
+                    (),
+                    swap_out=swap if direction == "out" else (),
+                    swap_in=swap if direction == "in" else (),
+                )
+                start = time.perf_counter()
+                swapper.execute(plan)
+                samples.append((num_blocks * block_bytes, time.perf_counter() - start))
+            bm.free("__swap__")
+            bm.commit_pending()
+    return samples
+
+
+def profile_engine(
+    parameters: Mapping[str, str], torch_threads: int = 1, kv_cache_bytes: int = 256 * 2**20
+) -> tuple[IterationCostModel, dict]:
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    engine = _engine(parameters, kv_cache_bytes)
+    load_before = os.getloadavg()[0]
+    steps = measure_steps(engine)
+    swaps = measure_swaps(engine)
+    coefficients = fit_iteration_coefficients(steps)
+    swap_fixed_s, swap_bytes_per_s = fit_swap(swaps)
+    model = IterationCostModel(
+        **coefficients,
+        swap_fixed_s=swap_fixed_s,
+        swap_bytes_per_s=swap_bytes_per_s,
+        swap_overlaps_compute=engine.device.type == "cuda",
+        kv_bytes_per_token=engine.swapper._block_bytes // engine.block_manager.block_size,
+        max_model_len=engine.args.max_position_embeddings,
+    )
+    errors = np.array([model.iteration_time_s(s) / t - 1 for s, t in steps])
+    facts = {
+        "num_step_samples": len(steps),
+        "num_swap_samples": len(swaps),
+        "step_fit_relative_error": {
+            "median_abs": float(np.median(np.abs(errors))),
+            "p90_abs": float(np.percentile(np.abs(errors), 90)),
+            "mean": float(errors.mean()),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "device": str(engine.device),
+        "load_average_1m": [load_before, os.getloadavg()[0]],
+    }
+    logger.info("engine fit: %s; %s", coefficients, facts["step_fit_relative_error"])
+    return model, facts
+
+
+def calibrate_serving(
+    model: IterationCostModel, grpc_url: str, prompts: Any
+) -> tuple[IterationCostModel, dict[str, Any]]:
+    """Measure serving overheads against a running server (see the module docstring)."""
+    from .loadgen import run_open_loop
+
+    def burst(lengths: list[tuple[int, int]]) -> list[Any]:
+        w = Workload(
+            "calibration",
+            tuple(RequestSpec(i, 0.0, n_in, n_out) for i, (n_in, n_out) in enumerate(lengths)),
+        )
+        timelines, _ = run_open_loop(
+            grpc_url, w, prompts.prompts([n for n, _ in lengths], seed=len(lengths)), progress=False
+        )
+        return timelines
+
+    burst([(16, 8)] * 4)  # warm-up
+    residuals = []
+    for n in (16, 64, 256):
+        for _ in range(3):
+            (t,) = burst([(n, 2)])
+            residuals.append(t.ttft_s - model.prefill_time_s(n))
+    request_latency_s = max(0.0, float(np.median(residuals)))
+    points = []
+    prompt, output = 16, 48
+    for batch in (1, 4, 16, 32):
+        timelines = burst([(prompt, output)] * batch)
+        gaps = np.concatenate([t.tbts_s()[8:-8] for t in timelines])
+        context = prompt + output // 2
+        predicted = model.iteration_time_s(BatchShape(0, batch, batch * context, 0, batch))
+        points.append((batch, float(np.median(gaps)), predicted))
+    x = np.array([[1.0, b] for b, _, _ in points])
+    y = np.array([gap - pred for _, gap, pred in points])
+    (extra_fixed_s, extra_per_token_s), *_ = np.linalg.lstsq(x, y, rcond=None)
+    calibrated = model.with_coefficients(
+        fixed_s=max(0.0, model.fixed_s + float(extra_fixed_s)),
+        per_sampled_token_s=max(0.0, model.per_sampled_token_s + float(extra_per_token_s)),
+        request_latency_s=request_latency_s,
+    )
+    facts = {
+        "ttft_residuals_s": residuals,
+        "request_latency_s": request_latency_s,
+        "decode_points": [
+            {"batch": b, "median_client_gap_s": g, "engine_model_s": p} for b, g, p in points
+        ],
+        "serving_extra_fixed_s": float(extra_fixed_s),
+        "serving_extra_per_token_s": float(extra_per_token_s),
+    }
+    logger.info("serving calibration: %s", facts)
+    return calibrated, facts
+
+
+def save_profile(model: IterationCostModel, path: Path, source: dict[str, Any]) -> Path:
+    final = dataclasses.replace(model, source=source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    final.save(path)
+    return path

@@ -1,0 +1,136 @@
+"""A real ``tritonserver`` per policy: repository copy with parameters, metrics, CPU time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "llm"
+_PARAMETER = re.compile(
+    r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"'
+)
+
+
+def served_parameters(repository: Path = DEFAULT_MODEL_REPOSITORY) -> dict[str, str]:
+    """The ``config.pbtxt`` parameters of the ``llm`` model (comments ignored)."""
+    text = (repository / MODEL_NAME / "config.pbtxt").read_text()
+    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    return dict(_PARAMETER.findall(text))
+
+
+def write_repository(
+    root: Path, parameters: Mapping[str, str], source: Path = DEFAULT_MODEL_REPOSITORY
+) -> Path:
+    """A copy of ``source`` under ``root`` with ``parameters`` set (replaced or appended)."""
+    repo = root / "model_repository"
+    shutil.copytree(source, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repo / MODEL_NAME / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        pattern = (
+            rf'(parameters\s*\{{\s*key:\s*"{re.escape(key)}"'
+            r'\s*value:\s*\{\s*string_value:\s*)"[^"]*"'
+        )
+        text, count = re.subn(pattern, rf'\g<1>"{value.replace(chr(92), chr(92) * 2)}"', text)
+        if count == 0:
+            text += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+        elif count > 1:
+            raise RuntimeError(f"parameter {key} appears {count} times in {config}")
+    config.write_text(text)
+    return repo
+
+
+@contextmanager
+def policy_server(
+    parameters: Mapping[str, str], workdir: Path, label: str, torch_threads: int = 1
+) -> Iterator[TritonServer]:
+    """A ready server on free loopback ports with ``parameters``; stopped on exit.
+
+    ``torch_threads`` (OMP_NUM_THREADS of the server; 0: torch's default): one leaves a
+    core to the client on a 2-core machine.
+    """
+    root = workdir / label
+    root.mkdir(parents=True, exist_ok=True)
+    repo = write_repository(root, parameters)
+    previous = os.environ.get("OMP_NUM_THREADS")
+    if torch_threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)  # inherited by the server
+    try:
+        log_path = root / "tritonserver.log"
+        logger.info("%s: starting tritonserver (log %s)", label, log_path)
+        server = TritonServer(repo, log_file=log_path, ready_timeout_s=600)
+        with server:
+            try:
+                yield server
+            except BaseException:
+                logger.error("%s: server log tail:\n%s", label, server.log_tail())
+                raise
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
+
+
+def scrape_metrics(metrics_url: str) -> dict[str, float]:
+    """Every ``preemptserve_*`` sample on the metrics page: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("preemptserve_"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def counter_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {
+        k: v - before.get(k, 0.0) for k, v in after.items() if k.split("{", 1)[0].endswith("_total")
+    }
+
+
+def wait_idle(metrics_url: str, timeout_s: float) -> bool:
+    """Until the model reports no waiting, running or preempted request."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        samples = scrape_metrics(metrics_url)
+        if not sum(v for k, v in samples.items() if k.startswith("preemptserve_requests")):
+            return True
+    return False
+
+
+def process_tree_cpu_s(root_pid: int) -> float:
+    """User + system CPU seconds of ``root_pid`` and its descendants, all threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in tree)
