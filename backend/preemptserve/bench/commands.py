@@ -143,8 +143,14 @@ def run_in_sim(
     }
 
 
-def _with_servers(args: argparse.Namespace, body: Callable[[str, Any], None]) -> None:
-    """``body(policy, server)`` for each policy, with a fresh server each (warmed up)."""
+def _with_servers(
+    args: argparse.Namespace, body: Callable[[str, Any], None], errors: dict[str, str] | None = None
+) -> None:
+    """``body(policy, server)`` for each policy, with a fresh server each (warmed up).
+
+    A server that fails to start is recorded in ``errors`` (when given) and skipped.
+    """
+    from ..triton_server import TritonServerError
     from .loadgen import run_open_loop
     from .workload import RequestSpec
 
@@ -152,11 +158,21 @@ def _with_servers(args: argparse.Namespace, body: Callable[[str, Any], None]) ->
     warm = Workload("warm-up", tuple(RequestSpec(i, 0.0, 16, 8) for i in range(4)))
     try:
         for policy in args.policies:
-            with policy_server(
-                parameters_for(args, policy), workdir, policy, args.server_threads
-            ) as server:
-                run_open_loop(server.grpc_url, warm, _prompts(warm), progress=False)
-                body(policy, server)
+            try:
+                with policy_server(
+                    parameters_for(args, policy), workdir, policy, args.server_threads
+                ) as server:
+                    run_open_loop(server.grpc_url, warm, _prompts(warm), progress=False)
+                    body(policy, server)
+            except TritonServerError as exc:
+                if errors is None:
+                    raise
+                logger.error("%s: the server did not start: %s", policy, exc)
+                errors[policy] = (
+                    str(exc).splitlines()[0]
+                    + " "
+                    + " ".join(line for line in str(exc).splitlines() if "ValueError" in line)[:500]
+                )
     except BaseException:
         logger.error("server logs kept in %s", workdir)
         raise
@@ -201,7 +217,8 @@ def serve_compare(args: argparse.Namespace) -> int:
             args, server, workload, prompts, policy, slo, policy
         )
 
-    _with_servers(args, body)
+    result["server_errors"] = {}
+    _with_servers(args, body, result["server_errors"])
     _write(result, args.out, cdfs)
     return 0
 
@@ -275,7 +292,8 @@ def fidelity(args: argparse.Namespace) -> int:
             100 * row["p99_jct_error"],
         )
 
-    _with_servers(args, body)
+    result["server_errors"] = {}
+    _with_servers(args, body, result["server_errors"])
     _write(result, args.out, cdfs)
     return 0
 
@@ -347,14 +365,18 @@ def profile(args: argparse.Namespace) -> int:
     from .prompts import PromptBuilder
 
     started = time.time()
-    model, facts = profile_engine(parameters_for(args, "fcfs"), args.server_threads)
+    params = parameters_for(args, "fcfs")
+    model, facts = profile_engine(params, args.server_threads)
     source: dict[str, Any] = new_result("profile", engine=facts)
     if args.server:
         prompts = PromptBuilder()
+        pool = SimConfig.from_parameters(params, model)
 
         def body(policy: str, server: Any) -> None:
             nonlocal model
-            model, source["serving"] = calibrate_serving(model, server.grpc_url, prompts)
+            model, source["serving"] = calibrate_serving(
+                model, server.grpc_url, prompts, pool.num_blocks, pool.block_size
+            )
 
         args.policies = ["fcfs"]
         _with_servers(args, body)

@@ -184,9 +184,13 @@ def profile_engine(
 
 
 def calibrate_serving(
-    model: IterationCostModel, grpc_url: str, prompts: Any
+    model: IterationCostModel, grpc_url: str, prompts: Any, num_blocks: int, block_size: int
 ) -> tuple[IterationCostModel, dict[str, Any]]:
-    """Measure serving overheads against a running server (see the module docstring)."""
+    """Measure serving overheads against a running server (see the module docstring).
+
+    ``num_blocks`` x ``block_size``: the server's KV pool; bursts are sized to fit in it,
+    so every request of a burst decodes in the same iterations.
+    """
     from .loadgen import run_open_loop
 
     def burst(lengths: list[tuple[int, int]]) -> list[Any]:
@@ -194,9 +198,8 @@ def calibrate_serving(
             "calibration",
             tuple(RequestSpec(i, 0.0, n_in, n_out) for i, (n_in, n_out) in enumerate(lengths)),
         )
-        timelines, _ = run_open_loop(
-            grpc_url, w, prompts.prompts([n for n, _ in lengths], seed=len(lengths)), progress=False
-        )
+        texts = prompts.prompts([n for n, _ in lengths], seed=len(lengths))
+        timelines, _ = run_open_loop(grpc_url, w, texts, progress=False)
         return timelines
 
     burst([(16, 8)] * 4)  # warm-up
@@ -207,13 +210,18 @@ def calibrate_serving(
             residuals.append(t.ttft_s - model.prefill_time_s(n))
     request_latency_s = max(0.0, float(np.median(residuals)))
     points = []
-    prompt, output = 16, 48
-    for batch in (1, 4, 16, 32):
+    prompt, output = 16, 32
+    blocks_per_request = -(-(prompt + output) // block_size)
+    for batch in (1, 2, 4, 8, 16, 32):
+        if batch * blocks_per_request > num_blocks:
+            break
         timelines = burst([(prompt, output)] * batch)
-        gaps = np.concatenate([t.tbts_s()[8:-8] for t in timelines])
+        gaps = np.concatenate([t.tbts_s()[8:-4] for t in timelines])
         context = prompt + output // 2
         predicted = model.iteration_time_s(BatchShape(0, batch, batch * context, 0, batch))
         points.append((batch, float(np.median(gaps)), predicted))
+    if len(points) < 2:
+        raise ValueError("the server's KV pool is too small to calibrate decode batches")
     x = np.array([[1.0, b] for b, _, _ in points])
     y = np.array([gap - pred for _, gap, pred in points])
     (extra_fixed_s, extra_per_token_s), *_ = np.linalg.lstsq(x, y, rcond=None)
@@ -230,6 +238,7 @@ def calibrate_serving(
         ],
         "serving_extra_fixed_s": float(extra_fixed_s),
         "serving_extra_per_token_s": float(extra_per_token_s),
+        "load_average_1m": os.getloadavg()[0],
     }
     logger.info("serving calibration: %s", facts)
     return calibrated, facts

@@ -231,6 +231,8 @@ def markdown(result: Mapping[str, Any]) -> str:
                     for k, c in counters.items()
                 ),
             ]
+    for policy, error in (result.get("server_errors") or {}).items():
+        parts.append(f"- {policy}: no server run: {error}")
     if result.get("fidelity"):
         parts += ["", "## Simulator against the server", "", fidelity_table(result["fidelity"])]
     if result.get("sweep"):
