@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
 
 from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from preemptserve.core.request import SamplingParams
+from preemptserve.core.request import CacheMode, SamplingParams
 from preemptserve.engine.kv_cache import bytes_per_block
 from preemptserve.engine.llm_engine import LLMEngine
 from preemptserve.model.args import LlamaArgs
@@ -30,8 +31,12 @@ def make_engine(model_dir, *, num_blocks: int, block_size: int = 16, max_num_tok
 
 
 def run_staggered(engine: LLMEngine, prompts: list[list[int]], num_tokens: int,
-                  arrive_every: int) -> dict[str, list[int]]:
-    """Add one prompt every ``arrive_every`` steps; check block invariants every step."""
+                  arrive_every: int,
+                  cache_modes: Sequence[CacheMode] | None = None) -> dict[str, list[int]]:
+    """Add one prompt every ``arrive_every`` steps; check block invariants every step.
+
+    ``cache_modes``: the starting cache mode of each prompt (default: all KV).
+    """
     sampling = SamplingParams(max_tokens=num_tokens, min_length=num_tokens)
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     pending = list(enumerate(prompts))
@@ -39,7 +44,8 @@ def run_staggered(engine: LLMEngine, prompts: list[list[int]], num_tokens: int,
     while pending or engine.has_unfinished_requests():
         if pending and step % arrive_every == 0:
             index, prompt = pending.pop(0)
-            engine.add_request(str(index), prompt, sampling)
+            mode = CacheMode.KV if cache_modes is None else cache_modes[index]
+            engine.add_request(str(index), prompt, sampling, cache_mode=mode)
         for out in engine.step():
             outputs[out.request_id].extend(out.token_ids)
         engine.block_manager.check_invariants()

@@ -15,11 +15,18 @@ import torch
 from ..config import EngineConfig
 from ..core.block_manager import BlockManager
 from ..core.cost_model import CostModel, PrefillProfile
-from ..core.request import FINISH_REASONS, Request, RequestStatus, SamplingParams
-from ..core.scheduler import Scheduler, create_scheduler, policy_class
+from ..core.request import FINISH_REASONS, CacheMode, Request, RequestStatus, SamplingParams
+from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
 from ..model.args import LlamaArgs
 from ..model.checkpoint import load_model
-from .kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
+from .kv_cache import (
+    allocate_kv_caches,
+    bytes_per_block,
+    hidden_bytes_per_token,
+    hidden_tokens_per_block,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+)
 from .kv_swap import KVSwapper
 from .model_runner import ModelRunner
 from .profiling import measure_prefill_profile
@@ -62,6 +69,12 @@ class EngineStats:
     swap_out_bytes_total: int = 0
     swap_in_bytes_total: int = 0
     swap_time_s_total: float = 0.0
+    # Cache modes: bytes one token costs in each (all layers), whether hidden mode is offered.
+    kv_bytes_per_token: int = 0
+    hidden_bytes_per_token: int = 0
+    hidden_mode_available: bool = False
+    num_hidden_tokens_total: int = 0  # tokens computed by requests in hidden mode
+    num_mixed_mode_steps_total: int = 0  # iterations whose batch held both modes
 
 
 @dataclass
@@ -104,7 +117,12 @@ class LLMEngine:
         )
         block_bytes = bytes_per_block(self.args, block_size, self.dtype)
         num_host_blocks = config.cache.host_kv_cache_bytes // block_bytes
-        self.block_manager = BlockManager(num_blocks, block_size, num_host_blocks)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.args, self.dtype)
+        self.hidden_bytes_per_token = hidden_bytes_per_token(self.args, self.dtype)
+        tokens_per_hidden_block, self.hidden_unavailable_reason = hidden_tokens_per_block(
+            self.args, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, num_host_blocks,
+                                          hidden_tokens_per_block=tokens_per_hidden_block)
         kv_caches = allocate_kv_caches(self.args, num_blocks, block_size, self.device, self.dtype)
         host_caches = allocate_kv_caches(
             self.args, num_host_blocks, block_size, torch.device("cpu"), self.dtype,
@@ -122,6 +140,8 @@ class LLMEngine:
             config.scheduler, self.block_manager, cost_model=self.cost_model)
         self._tracked: dict[str, _Tracked] = {}
         self._num_generated_tokens_total = 0
+        self._num_hidden_tokens_total = 0
+        self._num_mixed_mode_steps_total = 0
         self._last_step_s = 0.0
         logger.info(
             "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB) on %s, "
@@ -129,6 +149,12 @@ class LLMEngine:
             config.scheduler.policy, num_blocks, block_size, num_blocks * block_bytes / 2**20,
             self.device, num_host_blocks, num_host_blocks * block_bytes / 2**20,
             self.max_model_len,
+        )
+        logger.info(
+            "cache modes: KV %d bytes/token, hidden %d bytes/token; hidden mode %s",
+            self.kv_bytes_per_token, self.hidden_bytes_per_token,
+            "available" if self.block_manager.supports_hidden
+            else f"unavailable: {self.hidden_unavailable_reason}",
         )
 
     def _cost_model(self) -> CostModel | None:
@@ -155,10 +181,21 @@ class LLMEngine:
         prompt: str | list[int],
         sampling: SamplingParams,
         arrival_time_s: float | None = None,
+        cache_mode: CacheMode = CacheMode.KV,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
     ) -> None:
-        """Validate and queue a request. Raises ``ValueError`` with a user-facing message."""
+        """Validate and queue a request. Raises ``ValueError`` with a user-facing message.
+
+        ``cache_mode`` is the request's starting mode; the policy may change it later.
+        ``ttft_slo_s`` / ``tbt_slo_s`` override the configured latency objectives.
+        """
         if request_id in self._tracked:
             raise ValueError(f"duplicate request id {request_id!r}")
+        if cache_mode is CacheMode.HIDDEN and not self.block_manager.supports_hidden:
+            raise ValueError(
+                f"hidden cache mode is unavailable for this model: "
+                f"{self.hidden_unavailable_reason}")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -181,6 +218,9 @@ class LLMEngine:
             prompt_token_ids=prompt_ids,
             sampling=sampling,
             arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
+            cache_mode=cache_mode,
+            ttft_slo_s=ttft_slo_s,
+            tbt_slo_s=tbt_slo_s,
         )
         self.scheduler.add_request(request)
         self._tracked[request_id] = _Tracked(
@@ -220,6 +260,7 @@ class LLMEngine:
             states = {item.request_id: self._tracked[item.request_id].sampling
                       for item in output.scheduled if item.sample}
             sampled = self.runner.execute(output, states)
+            self._count_cache_modes(output)
         # The iteration's measured time is the service each scheduled job received.
         self._last_step_s = time.perf_counter() - start
         self.scheduler.update_from_output(output, sampled, self._last_step_s)
@@ -227,6 +268,13 @@ class LLMEngine:
             results.append(self._process_token(request_id, token_id))
         self._num_generated_tokens_total += len(results)
         return results
+
+    def _count_cache_modes(self, output: SchedulerOutput) -> None:
+        num_hidden_tokens = sum(item.num_tokens for item in output.scheduled if item.hidden)
+        if num_hidden_tokens:
+            self._num_hidden_tokens_total += num_hidden_tokens
+            if num_hidden_tokens < output.num_batched_tokens:
+                self._num_mixed_mode_steps_total += 1
 
     def _process_token(self, request_id: str, token_id: int) -> RequestOutput:
         tracked = self._tracked[request_id]
@@ -268,6 +316,11 @@ class LLMEngine:
             swap_out_bytes_total=self.swapper.stats.bytes_out,
             swap_in_bytes_total=self.swapper.stats.bytes_in,
             swap_time_s_total=self.swapper.stats.time_s,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            hidden_bytes_per_token=self.hidden_bytes_per_token,
+            hidden_mode_available=self.block_manager.supports_hidden,
+            num_hidden_tokens_total=self._num_hidden_tokens_total,
+            num_mixed_mode_steps_total=self._num_mixed_mode_steps_total,
         )
 
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:

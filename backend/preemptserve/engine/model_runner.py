@@ -9,6 +9,7 @@ import torch
 from ..core.scheduler import ScheduledRequest, SchedulerOutput
 from ..model.attention import AttentionMetadata, PrefillSegment
 from ..model.llama import KVCache, LlamaForCausalLM
+from .hidden_batch import build_hidden_metadata
 from .sampler import SamplingState, sample
 
 
@@ -30,7 +31,12 @@ class ModelRunner:
         """Run one iteration; return the sampled token of every item with ``sample``."""
         prefills = [s for s in output.scheduled if s.is_prefill]
         decodes = [s for s in output.scheduled if not s.is_prefill]
-        ordered = prefills + decodes
+        hidden_decodes: list[ScheduledRequest] = []
+        has_hidden = any(s.hidden for s in output.scheduled)
+        if has_hidden:
+            hidden_decodes = [s for s in decodes if s.hidden]
+            decodes = [s for s in decodes if not s.hidden]
+        ordered = prefills + decodes + hidden_decodes
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -39,10 +45,16 @@ class ModelRunner:
             input_ids.extend(item.token_ids)
             start = item.start_position
             positions.extend(range(start, item.context_len))
-            slots.extend(self._slots(item))
+            if not item.hidden:
+                slots.extend(self._slots(item))
             if item.sample:
                 sample_rows.append(len(input_ids) - 1)
         meta = self._metadata(prefills, decodes, slots)
+        if has_hidden:
+            meta.hidden = build_hidden_metadata(
+                ordered, hidden_decodes, self.block_size, self.model.model.rotary,
+                self.kv_caches[0][0].dtype, self.device)
+            self._attach_decode_buffers(meta)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -75,6 +87,7 @@ class ModelRunner:
                 num_tokens=item.num_tokens,
                 start_position=item.start_position,
                 block_table=torch.tensor(item.block_ids, device=device),
+                hidden=item.hidden,
             ))
             token_start += item.num_tokens
         meta = AttentionMetadata(
@@ -93,6 +106,25 @@ class ModelRunner:
             meta.decode_k_buffer, meta.decode_v_buffer = self._decode_buffers(
                 len(decodes) * max_blocks)
         return meta
+
+    def _attach_decode_buffers(self, meta: AttentionMetadata) -> None:
+        """Give the KV-mode and the hidden-mode decodes disjoint rows of the gather buffers.
+
+        Hidden rows are block rows too: ``hidden_size == num_kv_heads * head_dim`` here.
+        """
+        hidden = meta.hidden
+        assert hidden is not None
+        num_kv_rows = 0 if meta.decode_block_tables is None else meta.decode_block_tables.numel()
+        num_hidden_rows = (0 if hidden.decode_block_tables is None
+                           else hidden.decode_block_tables.numel())
+        if not num_hidden_rows:
+            return
+        k_buffer, v_buffer = self._decode_buffers(num_kv_rows + num_hidden_rows)
+        if num_kv_rows:
+            meta.decode_k_buffer = k_buffer[:num_kv_rows]
+            meta.decode_v_buffer = v_buffer[:num_kv_rows]
+        hidden.decode_k_buffer = k_buffer[num_kv_rows:]
+        hidden.decode_v_buffer = v_buffer[num_kv_rows:]
 
     def _decode_buffers(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of ``num_rows`` rows of two gather buffers, grown (doubled) on demand."""

@@ -1,9 +1,16 @@
-"""Measure this engine's prefill time against prompt length (the MLFQ's cost model)."""
+"""Measure this engine's costs for the policies' cost models.
+
+The prefill time against prompt length (skip-join MLFQ), and the extra decode time of the
+hidden-cache mode per block of context (Apt-Serve's recompute constant).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
+from itertools import combinations
 
 import torch
 
@@ -61,3 +68,95 @@ def measure_prefill_profile(
     logger.info("prefill profile: %s",
                 ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in points))
     return PrefillProfile(tuple(points))
+
+
+HIDDEN_PROFILE_CONTEXT_LENS = (128, 256, 512, 1024, 2048)
+_HIDDEN_PROFILE_ID = "__hidden_profile__"
+
+
+def measure_hidden_recompute_cost(
+    runner: ModelRunner,
+    block_manager: BlockManager,
+    max_context_len: int,
+    context_lens: tuple[int, ...] = HIDDEN_PROFILE_CONTEXT_LENS,
+    batch_size: int = 4,
+    repeats: int = 5,
+) -> float:
+    """Extra decode-step seconds per KV-mode block of context recomputed in hidden mode.
+
+    Apt-Serve's constant ``c``: a request holding ``m`` KV blocks' worth of context slows
+    every decode step it joins by about ``c * m`` seconds when it runs in hidden mode.
+    For each context length the same decode step of ``batch_size`` requests is timed in KV
+    mode and in hidden mode (median of ``repeats``, the two modes alternating so load
+    drifts hit both); the differences are fitted against the batch's KV blocks of context
+    by the median of pairwise slopes (Theil-Sen), which shrugs off one noisy length; if
+    that is not positive, the median of the per-block differences is used (never below 0).
+    Runs before serving starts; borrows blocks from the pool and gives them all back.
+    Raises ``ValueError`` if the cache has no hidden mode or the pool is too small.
+    """
+    if not block_manager.supports_hidden:
+        raise ValueError("this cache has no hidden-cache mode")
+
+    def blocks_needed(length: int) -> int:  # both modes' batches, allocated side by side
+        return batch_size * (block_manager.blocks_for_tokens(length)
+                             + block_manager.blocks_for_tokens(length, hidden=True))
+
+    usable = [n for n in context_lens
+              if 2 <= n <= max_context_len and blocks_needed(n) <= block_manager.num_free_blocks]
+    if len(usable) < 2:
+        longest = max_context_len
+        while longest > 2 and blocks_needed(longest) > block_manager.num_free_blocks:
+            longest //= 2
+        usable = sorted({n for n in (longest // 4, longest // 2, longest) if n >= 2})
+        if len(usable) < 2:
+            raise ValueError("the KV pool is too small to measure the hidden recompute cost")
+    points = []
+    for length in usable:
+        outputs = {hidden: _decode_batch(block_manager, length, batch_size, hidden)
+                   for hidden in (False, True)}
+        try:
+            times_s: dict[bool, list[float]] = {False: [], True: []}
+            for repeat in range(repeats + 1):
+                for hidden, output in outputs.items():
+                    elapsed_s = _time_step(runner, output)
+                    if repeat:  # the first round warms up both modes
+                        times_s[hidden].append(elapsed_s)
+        finally:
+            for output in outputs.values():
+                for item in output.scheduled:
+                    block_manager.free(item.request_id)
+        extra_s = statistics.median(times_s[True]) - statistics.median(times_s[False])
+        points.append((batch_size * block_manager.blocks_for_tokens(length), extra_s))
+    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in combinations(points, 2)]
+    cost_s = statistics.median(slopes)
+    if not cost_s > 0 or not math.isfinite(cost_s):
+        # Noise swamped the growth with length: fall back to the median cost per block.
+        cost_s = statistics.median(y / x for x, y in points)
+        logger.warning("hidden recompute cost: no growth with context measured (%s); "
+                       "using the median cost per block", points)
+    logger.info("hidden recompute cost: %.3g us per KV block of context (%s)", cost_s * 1e6,
+                ", ".join(f"{x} blocks +{y * 1e3:.2f} ms" for x, y in points))
+    return max(cost_s, 0.0)
+
+
+def _decode_batch(
+    block_manager: BlockManager, context_len: int, batch_size: int, hidden: bool
+) -> SchedulerOutput:
+    """One decode step of ``batch_size`` requests at ``context_len`` tokens (no sampling)."""
+    items = []
+    for index in range(batch_size):
+        request_id = f"{_HIDDEN_PROFILE_ID}{'h' if hidden else 'k'}{index}"
+        assert block_manager.allocate(request_id, context_len, hidden)
+        items.append(ScheduledRequest(
+            request_id=request_id, token_ids=(1,), start_position=context_len - 1,
+            block_ids=block_manager.block_ids(request_id), sample=False, hidden=hidden,
+        ))
+    return SchedulerOutput(step_id=0, scheduled=tuple(items))
+
+
+def _time_step(runner: ModelRunner, output: SchedulerOutput) -> float:
+    start = time.perf_counter()
+    runner.execute(output, {})
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return time.perf_counter() - start

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import LlamaArgs
-from .attention import AttentionMetadata, paged_attention, write_kv
+from .attention import AttentionMetadata, paged_attention, write_cache
 from .rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -52,8 +52,10 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, *rotary)
-        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, Hq, hd]
+        write_cache(kv_cache[0], kv_cache[1], x, k, v, meta)
+        # Hidden-mode requests recompute their past K/V with the fused weight's K/V rows.
+        kv_weight = None if meta.hidden is None else self.qkv_proj.weight[self.q_size:]
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, kv_weight)  # [T, Hq, hd]
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
 
