@@ -130,8 +130,10 @@ class TokenStream:
         inputs: list[grpcclient.InferInput],
         timeout_s: float = 120.0,
         request_id: str | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> None:
         self.result = StreamResult()
+        self._parameters = parameters
         self.request_id = request_id or uuid.uuid4().hex
         self._url = url
         self._model = model
@@ -164,6 +166,7 @@ class TokenStream:
                 outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
                 request_id=self.request_id,
                 enable_empty_final_response=True,
+                parameters=self._parameters,
             )
             while not finished:
                 try:
@@ -236,17 +239,20 @@ def stream_generate(
     prompt: str,
     max_tokens: int,
     timeout_s: float = 120.0,
+    parameters: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> TokenStream:
     """Stream a completion of ``prompt``; iterate the returned object for text deltas.
 
     ``sampling`` holds the model's optional inputs (``temperature``, ``top_k``, ``top_p``,
     ``random_seed``, ``min_length``, ``end_id``, ``stop_words``,
-    ``exclude_input_in_output``, ``stream``); ``stream`` defaults to True. ``timeout_s``
-    bounds the wait for each response. Raises ``StreamError`` on server errors.
+    ``exclude_input_in_output``, ``stream``); ``stream`` defaults to True. ``parameters``
+    are request parameters (``ttft_slo_ms``, ``tbt_slo_ms``). ``timeout_s`` bounds the
+    wait for each response. Raises ``StreamError`` on server errors.
     """
     sampling.setdefault("stream", True)
-    return TokenStream(url, model, build_inputs(prompt, max_tokens, **sampling), timeout_s)
+    return TokenStream(url, model, build_inputs(prompt, max_tokens, **sampling), timeout_s,
+                       parameters=parameters)
 
 
 def generate(url: str, model: str, prompt: str, max_tokens: int, **sampling: Any) -> StreamResult:
@@ -282,6 +288,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-stream", action="store_false", dest="stream", help="one response with all text"
     )
+    parser.add_argument("--ttft-slo-ms", type=float,
+                        help="this request's time-to-first-token objective (apt policy)")
+    parser.add_argument("--tbt-slo-ms", type=float,
+                        help="this request's time-between-tokens objective (apt policy)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per response")
     return parser.parse_args(argv)
 
@@ -302,8 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stream",
         )
     }
+    parameters = {name: value for name, value in (("ttft_slo_ms", args.ttft_slo_ms),
+                                                  ("tbt_slo_ms", args.tbt_slo_ms))
+                  if value is not None}
     stream = stream_generate(
-        args.url, args.model, args.prompt, args.max_tokens, timeout_s=args.timeout, **sampling
+        args.url, args.model, args.prompt, args.max_tokens, timeout_s=args.timeout,
+        parameters=parameters or None, **sampling
     )
     try:
         for delta in stream:

@@ -29,7 +29,7 @@ from .kv_cache import (
 )
 from .kv_swap import KVSwapper
 from .model_runner import ModelRunner
-from .profiling import measure_prefill_profile
+from .profiling import measure_hidden_recompute_cost, measure_prefill_profile
 from .sampler import SamplingState
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -158,16 +158,29 @@ class LLMEngine:
         )
 
     def _cost_model(self) -> CostModel | None:
-        """A saved prefill profile, or one measured now if the policy needs it."""
+        """A saved profile, or one measured now, with what the policy needs of it.
+
+        The hidden-cache recompute cost is measured (when a saved profile lacks it) only
+        for policies that weigh hidden mode, and only where the mode is available.
+        """
+        policy = policy_class(self.config.scheduler.policy)
         if self.config.prefill_profile_path:
-            return PrefillProfile.load(self.config.prefill_profile_path)
-        if not policy_class(self.config.scheduler.policy).requires_cost_model:
+            profile = PrefillProfile.load(self.config.prefill_profile_path)
+        elif policy.requires_cost_model:
+            profile = measure_prefill_profile(
+                self.runner, self.block_manager,
+                max_tokens=min(self.max_model_len,
+                               self.config.scheduler.max_num_batched_tokens),
+                vocab_size=self.args.vocab_size,
+            )
+        else:
             return None
-        return measure_prefill_profile(
-            self.runner, self.block_manager,
-            max_tokens=min(self.max_model_len, self.config.scheduler.max_num_batched_tokens),
-            vocab_size=self.args.vocab_size,
-        )
+        if (policy.requires_recompute_cost and self.block_manager.supports_hidden
+                and profile.hidden_recompute_s_per_block is None):
+            profile = replace(profile, hidden_recompute_s_per_block=(
+                measure_hidden_recompute_cost(self.runner, self.block_manager,
+                                              max_context_len=self.max_model_len)))
+        return profile
 
     @property
     def eos_token_id(self) -> int | None:

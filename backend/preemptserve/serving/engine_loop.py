@@ -33,6 +33,8 @@ class _Submission:
     sampling: SamplingParams
     on_output: OutputCallback
     is_cancelled: Callable[[], bool] | None
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
     cancel_requested: bool = False
 
 
@@ -70,10 +72,14 @@ class EngineLoop:
         sampling: SamplingParams,
         on_output: OutputCallback,
         is_cancelled: Callable[[], bool] | None = None,
+        *,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
     ) -> str:
         """Queue a request; returns its internal id. Never raises for bad input."""
         request_id = uuid.uuid4().hex
-        sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled)
+        sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
+                          ttft_slo_s, tbt_slo_s)
         if is_cancelled is not None:
             with self._unsent_lock:
                 self._unsent[request_id] = sub
@@ -135,7 +141,8 @@ class EngineLoop:
 
     def _admit(self, sub: _Submission) -> None:
         try:
-            self.engine.add_request(sub.request_id, sub.prompt, sub.sampling)
+            self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
+                                    ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s)
         except ValueError as exc:
             self._call(sub, _final(sub.request_id, "error"), str(exc))
             return

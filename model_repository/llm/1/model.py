@@ -65,18 +65,29 @@ class TritonPythonModel:
                 inputs[name] = None if tensor is None else tensor.as_numpy()
             try:
                 parsed = parse_generate_request(
-                    inputs, default_exclude_input=self.config.exclude_input_in_output
+                    inputs, default_exclude_input=self.config.exclude_input_in_output,
+                    parameters=_request_parameters(request),
                 )
             except InvalidRequest as exc:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
                             flags=FINAL)
                 continue
             self.loop.submit(parsed.prompt, parsed.sampling, _Responder(sender, parsed),
-                             is_cancelled=sender.is_cancelled)
+                             is_cancelled=sender.is_cancelled, ttft_slo_s=parsed.ttft_slo_s,
+                             tbt_slo_s=parsed.tbt_slo_s)
         return None
 
     def finalize(self):
         self.loop.shutdown()
+
+
+def _request_parameters(request) -> dict:
+    """The request's Triton parameters (gRPC ``parameters``, HTTP ``"parameters"``)."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request parameters are not valid JSON: {exc}") from exc
+    return parameters if isinstance(parameters, dict) else {}
 
 
 class _Responder:
@@ -144,6 +155,13 @@ class _Metrics:
         swap_seconds = pb_utils.MetricFamily(
             name="preemptserve_swap_seconds_total",
             description="Engine-thread time spent issuing or doing KV swaps", kind=counter)
+        mode_tokens = pb_utils.MetricFamily(
+            name="preemptserve_cache_mode_tokens_total",
+            description="Tokens computed by requests in hidden-cache mode", kind=counter)
+        mixed_steps = pb_utils.MetricFamily(
+            name="preemptserve_mixed_mode_iterations_total",
+            description="Iterations whose batch held requests of both cache modes",
+            kind=counter)
         # (metric, EngineStats field) pairs of counters fed by differences.
         self._counters = [
             (preemptions.Metric(labels=labels), "num_preemptions_total"),
@@ -154,11 +172,13 @@ class _Metrics:
             (swap_bytes.Metric(labels={**labels, "direction": "out"}), "swap_out_bytes_total"),
             (swap_bytes.Metric(labels={**labels, "direction": "in"}), "swap_in_bytes_total"),
             (swap_seconds.Metric(labels=labels), "swap_time_s_total"),
+            (mode_tokens.Metric(labels={**labels, "mode": "hidden"}), "num_hidden_tokens_total"),
+            (mixed_steps.Metric(labels=labels), "num_mixed_mode_steps_total"),
         ]
         self._last = {field: 0 for _, field in self._counters}
         # A family must outlive its metrics, or updates fail.
         self._families = (requests, blocks, preemptions, recomputations, tokens, swaps,
-                          swap_bytes, swap_seconds)
+                          swap_bytes, swap_seconds, mode_tokens, mixed_steps)
         self.update(stats)
 
     def update(self, stats: EngineStats) -> None:
