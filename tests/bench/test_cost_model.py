@@ -116,3 +116,14 @@ def test_every_shipped_profile_loads_and_says_where_it_comes_from() -> None:
         model = load_profile(path.stem)
         assert model.kv_bytes_per_token > 0 and model.source
         assert 0 < model.prefill_time_s(512) < 10
+
+
+def test_noise_quantiles_interpolate_and_survive_json(tmp_path: Path) -> None:
+    model = IterationCostModel(fixed_s=0.01, noise_quantiles=(0.5, 1.0, 3.0))
+    assert model.noise_factor(0.0) == 0.5
+    assert model.noise_factor(0.25) == pytest.approx(0.75)
+    assert model.noise_factor(0.75) == pytest.approx(2.0)
+    assert model.noise_factor(0.999999) == pytest.approx(3.0, rel=1e-4)
+    assert IterationCostModel(fixed_s=0.01).noise_factor(0.3) == 1.0
+    model.save(tmp_path / "n.json")
+    assert IterationCostModel.load(tmp_path / "n.json") == model

@@ -100,3 +100,15 @@ def test_simulation_is_deterministic() -> None:
     assert [list(t.token_times_s) for t in runs[0].timelines()] == [
         list(t.token_times_s) for t in runs[1].timelines()
     ]
+
+
+def test_measured_noise_is_seeded_and_scales_iterations() -> None:
+    noisy = COST.with_coefficients(noise_quantiles=(2.0, 2.0))  # always twice the model
+    w = Workload("one", (RequestSpec(0, 0.0, 100, 3),))
+    plain = Simulator(config("fcfs"), COST, w).run().counters()["busy_s"]
+    doubled = Simulator(config("fcfs"), noisy, w).run().counters()["busy_s"]
+    assert doubled == pytest.approx(2 * plain)
+    spread = COST.with_coefficients(noise_quantiles=(0.5, 1.0, 4.0))
+    w = synthetic("alpaca", 100, rate_rps=30.0, seed=2)
+    runs = [Simulator(config("fcfs"), spread, w).run().end_s for _ in range(2)]
+    assert runs[0] == runs[1]

@@ -370,13 +370,10 @@ def profile(args: argparse.Namespace) -> int:
     source: dict[str, Any] = new_result("profile", engine=facts)
     if args.server:
         prompts = PromptBuilder()
-        pool = SimConfig.from_parameters(params, model)
 
         def body(policy: str, server: Any) -> None:
             nonlocal model
-            model, source["serving"] = calibrate_serving(
-                model, server.grpc_url, prompts, pool.num_blocks, pool.block_size
-            )
+            model, source["serving"] = calibrate_serving(model, server.grpc_url, prompts, params)
 
         args.policies = ["fcfs"]
         _with_servers(args, body)

@@ -7,10 +7,10 @@ Three measurements, none taken on the workloads the model is later judged on:
    recorded; the iteration coefficients are fitted to these ``(shape, seconds)`` pairs.
 2. In process: swap-out and swap-in copies of 1 to 64 blocks -> fixed + bytes/bandwidth.
 3. Through a real ``tritonserver`` (optional): what serving adds. Lone short requests
-   give the request latency (client TTFT - modelled prefill); bursts of 1 to 32
-   concurrent decodes give the per-iteration and per-token overhead (median client token
-   gap - modelled decode iteration), fitted as ``a + b x batch`` and added to
-   ``fixed_s`` and ``per_sampled_token_s``.
+   give the request latency (client TTFT - modelled prefill); a calibration workload of
+   its own (Alpaca-like, seed 12345) run on the server and in the simulator gives one
+   factor, server mean TPOT / simulated mean TPOT, applied to every iteration
+   coefficient.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..config import serving_config_from_parameters
 from ..core.request import SamplingParams
 from ..core.scheduler import BlockSwap, SchedulerOutput
 from ..engine.llm_engine import LLMEngine
-from ..sim.cost_model import BatchShape, IterationCostModel, batch_shape
+from ..sim.cost_model import COEFFICIENTS, BatchShape, IterationCostModel, batch_shape
 from ..sim.fit import fit_iteration_coefficients, fit_swap
 from .workload import RequestSpec, Workload
 
@@ -40,6 +40,10 @@ PREFILL_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
 DECODE_PROMPTS = (16, 128, 384)
 SWAP_BLOCKS = (1, 4, 16, 64)
+# The serving calibration's own workload (Alpaca-like lengths).
+CALIBRATION_SEED = 12_345
+CALIBRATION_REQUESTS = 80
+CALIBRATION_RATE_RPS = 2.5
 
 
 def _engine(parameters: Mapping[str, str], kv_cache_bytes: int) -> LLMEngine:
@@ -166,10 +170,19 @@ def profile_engine(
         kv_bytes_per_token=engine.swapper._block_bytes // engine.block_manager.block_size,
         max_model_len=engine.args.max_position_embeddings,
     )
+    ratios = np.array([t / model.iteration_time_s(s) for s, t in steps])
+    model = model.with_coefficients(
+        noise_quantiles=tuple(float(q) for q in np.quantile(ratios, np.linspace(0, 1, 41)))
+    )
     errors = np.array([model.iteration_time_s(s) / t - 1 for s, t in steps])
     facts = {
         "num_step_samples": len(steps),
         "num_swap_samples": len(swaps),
+        "measured_over_model": {
+            "mean": float(ratios.mean()),
+            "p50": float(np.median(ratios)),
+            "p99": float(np.percentile(ratios, 99)),
+        },
         "step_fit_relative_error": {
             "median_abs": float(np.median(np.abs(errors))),
             "p90_abs": float(np.percentile(np.abs(errors), 90)),
@@ -184,60 +197,63 @@ def profile_engine(
 
 
 def calibrate_serving(
-    model: IterationCostModel, grpc_url: str, prompts: Any, num_blocks: int, block_size: int
+    model: IterationCostModel, grpc_url: str, prompts: Any, parameters: Mapping[str, str]
 ) -> tuple[IterationCostModel, dict[str, Any]]:
-    """Measure serving overheads against a running server (see the module docstring).
+    """Measure what serving adds, against a running ``fcfs`` server (module docstring).
 
-    ``num_blocks`` x ``block_size``: the server's KV pool; bursts are sized to fit in it,
-    so every request of a burst decodes in the same iterations.
+    1. Lone requests: client TTFT - modelled prefill = the request latency.
+    2. A calibration workload (Alpaca-like, its own seed, never a workload the model is
+       judged on) through the server and through the simulator with the engine model:
+       the ratio of the server's mean TPOT to the simulated one scales every iteration
+       coefficient (the engine thread shares the cores with Triton, the response thread
+       and the client, which the in-process profile does not see).
     """
+    from ..sim.simulator import SimConfig, Simulator
     from .loadgen import run_open_loop
+    from .workload import synthetic
 
-    def burst(lengths: list[tuple[int, int]]) -> list[Any]:
-        w = Workload(
-            "calibration",
-            tuple(RequestSpec(i, 0.0, n_in, n_out) for i, (n_in, n_out) in enumerate(lengths)),
-        )
-        texts = prompts.prompts([n for n, _ in lengths], seed=len(lengths))
+    def run(w: Workload) -> list[Any]:
+        texts = prompts.prompts([r.input_tokens for r in w.requests], seed=len(w))
         timelines, _ = run_open_loop(grpc_url, w, texts, progress=False)
         return timelines
 
-    burst([(16, 8)] * 4)  # warm-up
+    def burst(n_in: int, n_out: int) -> Any:
+        return run(Workload("calibration", (RequestSpec(0, 0.0, n_in, n_out),)))[0]
+
+    for _ in range(3):
+        burst(16, 8)  # warm-up
     residuals = []
     for n in (16, 64, 256):
         for _ in range(3):
-            (t,) = burst([(n, 2)])
-            residuals.append(t.ttft_s - model.prefill_time_s(n))
+            residuals.append(burst(n, 2).ttft_s - model.prefill_time_s(n))
     request_latency_s = max(0.0, float(np.median(residuals)))
-    points = []
-    prompt, output = 16, 32
-    blocks_per_request = -(-(prompt + output) // block_size)
-    for batch in (1, 2, 4, 8, 16, 32):
-        if batch * blocks_per_request > num_blocks:
-            break
-        timelines = burst([(prompt, output)] * batch)
-        gaps = np.concatenate([t.tbts_s()[8:-4] for t in timelines])
-        context = prompt + output // 2
-        predicted = model.iteration_time_s(BatchShape(0, batch, batch * context, 0, batch))
-        points.append((batch, float(np.median(gaps)), predicted))
-    if len(points) < 2:
-        raise ValueError("the server's KV pool is too small to calibrate decode batches")
-    x = np.array([[1.0, b] for b, _, _ in points])
-    y = np.array([gap - pred for _, gap, pred in points])
-    (extra_fixed_s, extra_per_token_s), *_ = np.linalg.lstsq(x, y, rcond=None)
+    model = model.with_coefficients(request_latency_s=request_latency_s)
+
+    config = SimConfig.from_parameters({**parameters, "scheduler_policy": "fcfs"}, model)
+    workload = synthetic(
+        "alpaca",
+        CALIBRATION_REQUESTS,
+        CALIBRATION_RATE_RPS,
+        seed=CALIBRATION_SEED,
+        max_context_tokens=config.max_model_len,
+    )
+    served = run(workload)
+    simulated = Simulator(config, model, workload).run().timelines()
+
+    def mean_tpot_s(timelines: list[Any]) -> float:
+        return float(np.mean([t.tpot_s for t in timelines if t.tpot_s is not None]))
+
+    factor = mean_tpot_s(served) / mean_tpot_s(simulated)
     calibrated = model.with_coefficients(
-        fixed_s=max(0.0, model.fixed_s + float(extra_fixed_s)),
-        per_sampled_token_s=max(0.0, model.per_sampled_token_s + float(extra_per_token_s)),
-        request_latency_s=request_latency_s,
+        **{name: getattr(model, name) * factor for name in COEFFICIENTS}
     )
     facts = {
         "ttft_residuals_s": residuals,
         "request_latency_s": request_latency_s,
-        "decode_points": [
-            {"batch": b, "median_client_gap_s": g, "engine_model_s": p} for b, g, p in points
-        ],
-        "serving_extra_fixed_s": float(extra_fixed_s),
-        "serving_extra_per_token_s": float(extra_per_token_s),
+        "calibration_workload": workload.describe(),
+        "server_mean_tpot_s": mean_tpot_s(served),
+        "engine_model_mean_tpot_s": mean_tpot_s(simulated),
+        "iteration_time_factor": factor,
         "load_average_1m": os.getloadavg()[0],
     }
     logger.info("serving calibration: %s", facts)

@@ -94,6 +94,10 @@ class IterationCostModel:
     # For ``apt``'s hybrid cache (``HybridCostModel``): extra decode seconds per block of
     # context kept as hidden states. Not part of ``iteration_time_s`` yet.
     hidden_recompute_s_per_block: float | None = None
+    # Measured spread of real iteration times around the model: quantiles (evenly spaced
+    # probabilities from 0 to 1) of measured / modelled time over the profiling steps. When
+    # set, the simulator multiplies each iteration by a draw from this distribution (seeded).
+    noise_quantiles: tuple[float, ...] = ()
     # Provenance: the command, machine and date, or the publication and derivation.
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -118,6 +122,15 @@ class IterationCostModel:
             + self.per_sampled_token_s * shape.num_sampled_tokens
         )
 
+    def noise_factor(self, u: float) -> float:
+        """The measured/modelled ratio at probability ``u`` in [0, 1) (1.0 if none)."""
+        q = self.noise_quantiles
+        if not q:
+            return 1.0
+        x = u * (len(q) - 1)
+        i = min(int(x), len(q) - 2)
+        return q[i] + (q[i + 1] - q[i]) * (x - i)
+
     def swap_time_s(self, num_bytes: int) -> float:
         return 0.0 if num_bytes <= 0 else self.swap_fixed_s + num_bytes / self.swap_bytes_per_s
 
@@ -131,7 +144,7 @@ class IterationCostModel:
             )
         )
 
-    def with_coefficients(self, **values: float) -> IterationCostModel:
+    def with_coefficients(self, **values: Any) -> IterationCostModel:
         data = asdict(self)
         data.update(values)
         return IterationCostModel(**data)
@@ -147,6 +160,7 @@ class IterationCostModel:
         data = json.loads(Path(path).read_text())
         if data.get("swap_bytes_per_s") is None:
             data["swap_bytes_per_s"] = float("inf")
+        data["noise_quantiles"] = tuple(data.get("noise_quantiles", ()))
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -17,6 +17,7 @@ after its arrival. Any registered policy runs unchanged; policies that declare
 from __future__ import annotations
 
 import logging
+import random
 import time
 from array import array
 from collections.abc import Callable, Mapping
@@ -50,6 +51,8 @@ class SimConfig:
     check_invariants: bool = False  # check_invariants() after every call (slow)
     # Hidden-state cache (apt): tokens per block in hidden mode; 0 disables it.
     hidden_tokens_per_block: int = 0
+    # Seeds the draws of the cost model's measured iteration-time noise (if it has any).
+    noise_seed: int = 0
 
     @classmethod
     def from_parameters(
@@ -143,6 +146,7 @@ class Simulator:
         self.workload = workload
         self.slo = slo
         self.now_s = 0.0
+        self._noise = random.Random(config.noise_seed)
         self.block_manager = BlockManager(
             config.num_blocks,
             config.block_size,
@@ -258,6 +262,8 @@ class Simulator:
         """(iteration time, of which swaps) for one planned iteration."""
         cost = self.cost_model
         compute_s = cost.iteration_time_s(batch_shape(output))
+        if cost.noise_quantiles and not output.is_empty:
+            compute_s *= cost.noise_factor(self._noise.random())
         block_bytes = self.config.block_bytes
         if cost.swap_overlaps_compute:
             # Only blocking swap-outs and swap-ins of scheduled requests hold the forward.
