@@ -43,8 +43,7 @@ def measure_prefill_profile(
     usable = [n for n in lengths if n <= min(max_tokens, capacity)]
     if len(usable) < 2:
         usable = sorted({max(1, max_tokens // 4), max_tokens})
-    states = {_PROFILE_ID: SamplingState.create(SamplingParams(max_tokens=1),
-                                                runner.device)}
+    states = {_PROFILE_ID: SamplingState.create(SamplingParams(max_tokens=1), runner.device)}
     points = []
     for num_tokens in usable:
         assert block_manager.allocate(_PROFILE_ID, num_tokens)
@@ -65,12 +64,11 @@ def measure_prefill_profile(
             best_s = min(best_s, time.perf_counter() - start)
         block_manager.free(_PROFILE_ID)
         points.append((num_tokens, best_s))
-    logger.info("prefill profile: %s",
-                ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in points))
+    logger.info("prefill profile: %s", ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in points))
     return PrefillProfile(tuple(points))
 
 
-HIDDEN_PROFILE_CONTEXT_LENS = (128, 256, 512, 1024, 2048)
+HIDDEN_PROFILE_CONTEXT_LENS = (64, 128, 256, 512, 1024, 2048)
 _HIDDEN_PROFILE_ID = "__hidden_profile__"
 
 
@@ -81,6 +79,7 @@ def measure_hidden_recompute_cost(
     context_lens: tuple[int, ...] = HIDDEN_PROFILE_CONTEXT_LENS,
     batch_size: int = 4,
     repeats: int = 5,
+    max_step_s: float = 0.1,
 ) -> float:
     """Extra decode-step seconds per KV-mode block of context recomputed in hidden mode.
 
@@ -91,6 +90,9 @@ def measure_hidden_recompute_cost(
     drifts hit both); the differences are fitted against the batch's KV blocks of context
     by the median of pairwise slopes (Theil-Sen), which shrugs off one noisy length; if
     that is not positive, the median of the per-block differences is used (never below 0).
+    Lengths run shortest first; once four are measured, longer ones are skipped when a
+    hidden-mode step already took ``max_step_s`` (this bounds startup on a CPU, where the
+    recompute is compute-bound, and leaves a GPU all its lengths).
     Runs before serving starts; borrows blocks from the pool and gives them all back.
     Raises ``ValueError`` if the cache has no hidden mode or the pool is too small.
     """
@@ -98,11 +100,16 @@ def measure_hidden_recompute_cost(
         raise ValueError("this cache has no hidden-cache mode")
 
     def blocks_needed(length: int) -> int:  # both modes' batches, allocated side by side
-        return batch_size * (block_manager.blocks_for_tokens(length)
-                             + block_manager.blocks_for_tokens(length, hidden=True))
+        return batch_size * (
+            block_manager.blocks_for_tokens(length)
+            + block_manager.blocks_for_tokens(length, hidden=True)
+        )
 
-    usable = [n for n in context_lens
-              if 2 <= n <= max_context_len and blocks_needed(n) <= block_manager.num_free_blocks]
+    usable = sorted(
+        n
+        for n in context_lens
+        if 2 <= n <= max_context_len and blocks_needed(n) <= block_manager.num_free_blocks
+    )
     if len(usable) < 2:
         longest = max_context_len
         while longest > 2 and blocks_needed(longest) > block_manager.num_free_blocks:
@@ -112,8 +119,10 @@ def measure_hidden_recompute_cost(
             raise ValueError("the KV pool is too small to measure the hidden recompute cost")
     points = []
     for length in usable:
-        outputs = {hidden: _decode_batch(block_manager, length, batch_size, hidden)
-                   for hidden in (False, True)}
+        outputs = {
+            hidden: _decode_batch(block_manager, length, batch_size, hidden)
+            for hidden in (False, True)
+        }
         try:
             times_s: dict[bool, list[float]] = {False: [], True: []}
             for repeat in range(repeats + 1):
@@ -125,17 +134,26 @@ def measure_hidden_recompute_cost(
             for output in outputs.values():
                 for item in output.scheduled:
                     block_manager.free(item.request_id)
-        extra_s = statistics.median(times_s[True]) - statistics.median(times_s[False])
+        hidden_step_s = statistics.median(times_s[True])
+        extra_s = hidden_step_s - statistics.median(times_s[False])
         points.append((batch_size * block_manager.blocks_for_tokens(length), extra_s))
-    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in combinations(points, 2)]
-    cost_s = statistics.median(slopes)
+        if len(points) >= 4 and hidden_step_s >= max_step_s:
+            break
+    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in combinations(points, 2) if x1 != x0]
+    cost_s = statistics.median(slopes) if slopes else math.nan
     if not cost_s > 0 or not math.isfinite(cost_s):
         # Noise swamped the growth with length: fall back to the median cost per block.
         cost_s = statistics.median(y / x for x, y in points)
-        logger.warning("hidden recompute cost: no growth with context measured (%s); "
-                       "using the median cost per block", points)
-    logger.info("hidden recompute cost: %.3g us per KV block of context (%s)", cost_s * 1e6,
-                ", ".join(f"{x} blocks +{y * 1e3:.2f} ms" for x, y in points))
+        logger.warning(
+            "hidden recompute cost: no growth with context measured (%s); "
+            "using the median cost per block",
+            points,
+        )
+    logger.info(
+        "hidden recompute cost: %.3g us per KV block of context (%s)",
+        cost_s * 1e6,
+        ", ".join(f"{x} blocks +{y * 1e3:.2f} ms" for x, y in points),
+    )
     return max(cost_s, 0.0)
 
 
@@ -147,10 +165,16 @@ def _decode_batch(
     for index in range(batch_size):
         request_id = f"{_HIDDEN_PROFILE_ID}{'h' if hidden else 'k'}{index}"
         assert block_manager.allocate(request_id, context_len, hidden)
-        items.append(ScheduledRequest(
-            request_id=request_id, token_ids=(1,), start_position=context_len - 1,
-            block_ids=block_manager.block_ids(request_id), sample=False, hidden=hidden,
-        ))
+        items.append(
+            ScheduledRequest(
+                request_id=request_id,
+                token_ids=(1,),
+                start_position=context_len - 1,
+                block_ids=block_manager.block_ids(request_id),
+                sample=False,
+                hidden=hidden,
+            )
+        )
     return SchedulerOutput(step_id=0, scheduled=tuple(items))
 
 
