@@ -154,11 +154,11 @@ def test_hidden_mode_availability_by_shape_and_tensor_parallelism():
 
 
 def test_recompute_cost_is_measured_and_blocks_return(default_model_dir):
-    engine = make_engine(default_model_dir, num_blocks=64, block_size=8)
+    engine = make_engine(default_model_dir, num_blocks=128, block_size=8)
     cost_s = measure_hidden_recompute_cost(engine.runner, engine.block_manager,
                                            max_context_len=engine.max_model_len,
-                                           context_lens=(32, 64, 128), batch_size=2,
-                                           repeats=3)
+                                           context_lens=(64, 128, 256), batch_size=2,
+                                           repeats=5)
     assert cost_s > 0 and math.isfinite(cost_s)
     engine.block_manager.check_invariants()
     assert engine.block_manager.num_used_blocks == 0

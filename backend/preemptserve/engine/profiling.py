@@ -86,10 +86,13 @@ def measure_hidden_recompute_cost(
     Apt-Serve's constant ``c``: a request holding ``m`` KV blocks' worth of context slows
     every decode step it joins by about ``c * m`` seconds when it runs in hidden mode.
     For each context length the same decode step of ``batch_size`` requests is timed in KV
-    mode and in hidden mode (median of ``repeats``, the two modes alternating so load
-    drifts hit both); the differences are fitted against the batch's KV blocks of context
-    by the median of pairwise slopes (Theil-Sen), which shrugs off one noisy length; if
-    that is not positive, the median of the per-block differences is used (never below 0).
+    mode and in hidden mode, ``repeats`` times each, the two modes alternating. Each mode's
+    time is its fastest repeat: other work on a shared machine only ever adds time, and
+    on a loaded CPU it adds far more than the recompute costs at short contexts (a
+    median let 100 ms bursts through). The differences are fitted against the batch's KV
+    blocks of context by the median of pairwise slopes (Theil-Sen), which shrugs off one
+    noisy length; if that is not positive, the median of the per-block differences is
+    used (never below 0).
     Lengths run shortest first; once four are measured, longer ones are skipped when a
     hidden-mode step already took ``max_step_s`` (this bounds startup on a CPU, where the
     recompute is compute-bound, and leaves a GPU all its lengths).
@@ -134,8 +137,8 @@ def measure_hidden_recompute_cost(
             for output in outputs.values():
                 for item in output.scheduled:
                     block_manager.free(item.request_id)
-        hidden_step_s = statistics.median(times_s[True])
-        extra_s = hidden_step_s - statistics.median(times_s[False])
+        hidden_step_s = min(times_s[True])
+        extra_s = hidden_step_s - min(times_s[False])
         points.append((batch_size * block_manager.blocks_for_tokens(length), extra_s))
         if len(points) >= 4 and hidden_step_s >= max_step_s:
             break
