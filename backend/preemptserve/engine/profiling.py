@@ -11,7 +11,7 @@ from ..core.block_manager import BlockManager
 from ..core.cost_model import PrefillProfile
 from ..core.request import SamplingParams
 from ..core.scheduler import ScheduledRequest, SchedulerOutput
-from .model_runner import ModelRunner
+from .executor import Executor
 from .sampler import SamplingState
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ _PROFILE_ID = "__prefill_profile__"
 
 
 def measure_prefill_profile(
-    runner: ModelRunner,
+    runner: Executor,
     block_manager: BlockManager,
     max_tokens: int,
     vocab_size: int,
