@@ -9,6 +9,7 @@ Life of a worker::
 It never schedules or samples. It exits when told to (``None``), when the driver's end
 of the pipe closes, when a collective fails (a peer died), or when its parent process
 dies (a watchdog thread on the parent's sentinel): it never outlives the Triton model.
+SIGINT and SIGTERM are ignored: the driver decides when its workers stop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import sys
 import threading
 from datetime import timedelta
@@ -54,6 +56,10 @@ def worker_main(
     num_threads: int,
 ) -> None:
     """Entry point of a spawned worker process."""
+    # The driver stops its workers; a signal sent to the whole process group (Ctrl-C, a
+    # supervisor stopping the server's group) must not kill them before it can.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     logging.basicConfig(
         level=logging.INFO,
