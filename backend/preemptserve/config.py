@@ -96,6 +96,9 @@ class ServingConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cancellation_check_period_ms: int = 50
     exclude_input_in_output: bool = True
+    # An engine that cannot go on (a tensor-parallel rank died) unloads its Triton model,
+    # so that the model's ready endpoint says no. Needs --model-control-mode=explicit.
+    unload_model_on_failure: bool = False
 
     def __post_init__(self) -> None:
         # The engine loop waits on its inbox with this timeout: a negative one raises in
@@ -142,6 +145,7 @@ _PARAMETERS = {
     "tensor_parallel_size": ("engine", "tensor_parallel_size", int),
     "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
     "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),
+    "unload_model_on_failure": ("serving", "unload_model_on_failure", _parse_bool),
 }
 
 

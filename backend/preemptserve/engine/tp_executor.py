@@ -70,7 +70,8 @@ class TensorParallelExecutor:
         self._failure: str | None = None
         self._closed = False
         self._workers: list[_Worker] = []
-        self._stop_lock = threading.Lock()
+        # Serialises reaping: two threads waiting on one child can lose its exit code.
+        self._reap_lock = threading.RLock()
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         # On the CPU the ranks share the cores: each gets its part of this process's threads.
@@ -206,12 +207,16 @@ class TensorParallelExecutor:
             return
         dead = [sentinels[s] for s in ready if s in sentinels]
         if dead:
-            self._fail(_death_message(dead[0]))
+            self._fail(self._death_message(dead[0]))
 
     def _dead_worker_reason(self, wait_s: float) -> str | None:
         sentinels = {w.process.sentinel: w for w in self._workers}
         ready = multiprocessing.connection.wait(list(sentinels), timeout=wait_s)
-        return _death_message(sentinels[ready[0]]) if ready else None
+        return self._death_message(sentinels[ready[0]]) if ready else None
+
+    def _death_message(self, worker: _Worker) -> str:
+        with self._reap_lock:
+            return _death_message_of(worker)
 
     def _fail(self, message: str) -> None:
         if self._failure is not None:
@@ -222,7 +227,7 @@ class TensorParallelExecutor:
         self._stop_workers(graceful=False)
 
     def _stop_workers(self, graceful: bool) -> None:
-        with self._stop_lock:
+        with self._reap_lock:
             self._stop_workers_locked(graceful)
 
     def _stop_workers_locked(self, graceful: bool) -> None:
@@ -248,7 +253,7 @@ def _spec_for_rank(spec: ShardSpec, rank: int) -> ShardSpec:
     return replace(spec, device=f"cuda:{(device.index or 0) + rank}")
 
 
-def _death_message(worker: _Worker) -> str:
+def _death_message_of(worker: _Worker) -> str:
     worker.process.join(1.0)  # its sentinel fires a moment before its exit code is known
     return (
         f"tensor-parallel rank {worker.rank} (pid {worker.process.pid}) died: "

@@ -62,22 +62,25 @@ class TritonPythonModel:
         )
 
     def _on_engine_failure(self, reason: str) -> None:
-        """The engine cannot serve any more (a rank died): say so and leave.
+        """The engine cannot serve any more (a rank died): say so, and leave if allowed.
 
         Requests in flight already got an error and new ones get one at once. Triton 24.10
-        lets a Python model change its readiness only by being unloaded: under
-        ``--model-control-mode=explicit`` the model unloads itself, so ``/v2/models/<name>/ready``
-        turns false; in the other modes the server refuses, and the model stays loaded,
-        answering every request with the error.
+        lets a Python model change its readiness only by being unloaded, which the server
+        allows under ``--model-control-mode=explicit`` only: with ``unload_model_on_failure``
+        the model unloads itself and ``/v2/models/<name>/ready`` turns false. (Off by
+        default: in the other modes 24.10 refuses, and its Python backend sometimes
+        aborted the server after that refused call.)
         """
         self.logger.log_error(f"preemptserve: model unhealthy: {reason}")
         self.metrics.healthy.set(0)
+        if not self.config.unload_model_on_failure:
+            return
 
         def unload() -> None:
             try:
                 pb_utils.unload_model(self.model_name)
-            except Exception as exc:  # not explicit model control: stay, failing requests
-                self.logger.log_warn(f"preemptserve: could not unload the model: {exc}")
+            except Exception as exc:
+                self.logger.log_error(f"preemptserve: could not unload the model: {exc}")
 
         threading.Thread(target=unload, name="unload-unhealthy", daemon=True).start()
 

@@ -4,7 +4,9 @@
   TP=2 as with TP=1.
 - Unloading the model, and stopping the server, leave no process of the model behind.
 - A worker rank killed with SIGKILL ends the in-flight request with an error; under
-  explicit model control the model then unloads itself, so its ready endpoint says no.
+  explicit model control with ``unload_model_on_failure`` the model then unloads itself,
+  so its ready endpoint says no. (Without it the model stays loaded and rejects every
+  request: tests/engine/test_tp_engine.py checks that part on the serving loop.)
 - A head count that TP does not divide fails the load with a clear message.
 """
 
@@ -165,6 +167,7 @@ def explicit_tp2_server(tmp_path):
             "tensor_parallel_size": "2",
             "kv_cache_bytes": str(64 * 2**19),
             "scheduler_policy": "fcfs",
+            "unload_model_on_failure": "true",
         },
     )
     with TritonServer(repo, extra_args=EXPLICIT, ready_timeout_s=300) as server:
