@@ -4,12 +4,15 @@
 1. **tokens/s**: ``LLMEngine`` in this process on the embedded default model (fp32, CPU,
    ``fcfs``), ``B`` requests of ``--prompt-tokens`` token ids each, greedy, exactly
    ``--output-tokens`` generated per request; tokens/s = generated tokens / wall time
-   (prefill included), median of ``--repeats`` runs after a warm-up. TP=1 runs with all of
-   torch's threads; TP=2 gives each rank half of them (``TensorParallelExecutor``).
+   (prefill included), median of ``--repeats`` runs after a warm-up. Three variants:
+   TP=1 with all of torch's threads, TP=1 with as many threads as one TP=2 rank has, and
+   TP=2 (``TensorParallelExecutor`` gives each rank its share of the threads).
    ``step ms`` is the mean wall time of one iteration.
 2. **plan cost, in the engine**: what rank 0 spends per iteration to send the plan
    (pickling the ``SchedulerOutput`` and writing it to each worker's pipe), from the
-   executor's own counters during the TP=2 runs, with the mean plan size.
+   executor's own counters during the TP=2 runs: wall time and the thread's CPU time
+   (writing to the pipe wakes the worker, which may take the sender's core), with the
+   mean plan size.
 3. **plan transport, alone**: the plans recorded from a TP=1 run at the largest batch are
    sent to one worker process and acknowledged, one at a time, over (a) the pipe the
    engine uses and (b) ``torch.distributed.broadcast_object_list`` on gloo; the median
@@ -26,11 +29,13 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import pickle
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -107,35 +112,44 @@ def run_once(
 
 
 def bench_engine(
-    tp: int, batch_sizes: Sequence[int], args: argparse.Namespace, record: list[SchedulerOutput]
+    tp: int,
+    num_threads: int,
+    batch_sizes: Sequence[int],
+    args: argparse.Namespace,
+    record: list[SchedulerOutput],
 ) -> dict[int, dict[str, Any]]:
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
     engine = make_engine(tp, max(batch_sizes))
     results: dict[int, dict[str, Any]] = {}
     try:
-        num_threads = torch.get_num_threads()
+        threads_per_rank = torch.get_num_threads()
         for batch_size in batch_sizes:
             prompts = prompts_for(engine, batch_size, args.prompt_tokens)
             run_once(engine, prompts, 4)  # warm-up
             stats = getattr(engine.executor, "plan_stats", None)
-            before = (stats.num_plans, stats.num_bytes, stats.send_s) if stats else None
-            runs = []
-            for _ in range(args.repeats):
-                keep = record if tp == 1 and batch_size == max(batch_sizes) and not record else None
-                runs.append(run_once(engine, prompts, args.output_tokens, keep))
+            before = replace(stats) if stats else None
+            keep = record if tp == 1 and batch_size == max(batch_sizes) and not record else None
+            runs = [
+                run_once(engine, prompts, args.output_tokens, keep if i == 0 else None)
+                for i in range(args.repeats)
+            ]
             row: dict[str, Any] = {
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                 "step_ms": statistics.median(r["step_ms"] for r in runs),
                 "num_steps": runs[0]["num_steps"],
-                "torch_threads_per_rank": num_threads,
+                "torch_threads_per_rank": threads_per_rank,
             }
             if stats and before:
-                num_plans = stats.num_plans - before[0]
-                row["plan_send_us"] = (stats.send_s - before[2]) / num_plans * 1e6
-                row["plan_bytes"] = (stats.num_bytes - before[1]) / num_plans
+                num_plans = stats.num_plans - before.num_plans
+                row["plan_bytes"] = (stats.num_bytes - before.num_bytes) / num_plans
+                row["plan_send_us"] = (stats.send_s - before.send_s) / num_plans * 1e6
+                row["plan_send_cpu_us"] = (stats.send_cpu_s - before.send_cpu_s) / num_plans * 1e6
             results[batch_size] = row
-            logging.info("TP=%d batch %d: %s", tp, batch_size, row)
+            logging.info("TP=%d, %d threads, batch %d: %s", tp, num_threads, batch_size, row)
     finally:
         engine.shutdown()
+        torch.set_num_threads(saved_threads)
     return results
 
 
@@ -220,7 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now()
     info = machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads())
     recorded: list[SchedulerOutput] = []
-    engine_results = {tp: bench_engine(tp, args.batch_sizes, args, recorded) for tp in (1, 2)}
+    all_threads = torch.get_num_threads()
+    rank_threads = max(1, all_threads // 2)
+    variants = {
+        "tp1": (1, all_threads),
+        "tp1_rank_threads": (1, rank_threads),
+        "tp2": (2, all_threads),
+    }
+    engine_results = {
+        name: bench_engine(tp, threads, args.batch_sizes, args, recorded)
+        for name, (tp, threads) in variants.items()
+    }
     transport = bench_transport(recorded)
     result = {
         "benchmark": "bench_tp",
@@ -234,38 +258,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             "policy": "fcfs",
             "dtype": "float32",
         },
-        "engine": {f"tp{tp}": rows for tp, rows in engine_results.items()},
+        "engine": engine_results,
         "plan_transport": transport,
+        "load_average_1m_at_end": os.getloadavg()[0],
     }
     fmt = "markdown" if args.markdown else "plain"
     rows = []
-    for batch_size in args.batch_sizes:
-        one, two = engine_results[1][batch_size], engine_results[2][batch_size]
+    for b in args.batch_sizes:
+        one, few, two = (engine_results[name][b] for name in variants)
         rows.append(
             [
-                str(batch_size),
+                str(b),
                 f"{one['tokens_per_s']:.0f}",
+                f"{few['tokens_per_s']:.0f}",
                 f"{two['tokens_per_s']:.0f}",
                 f"{two['tokens_per_s'] / one['tokens_per_s']:.2f}",
                 f"{one['step_ms']:.1f}",
+                f"{few['step_ms']:.1f}",
                 f"{two['step_ms']:.1f}",
-                f"{two['plan_send_us']:.0f}",
-                f"{two['plan_bytes']:.0f}",
             ]
         )
     print_table(
-        "Engine tokens/s, default model, fp32 CPU",
+        f"Engine tokens/s, default model, fp32 CPU ({all_threads} threads in all)",
         [
             "batch",
-            "TP=1 tok/s",
-            "TP=2 tok/s",
-            "TP=2/TP=1",
+            f"TP=1 {all_threads}t",
+            f"TP=1 {rank_threads}t",
+            f"TP=2 {rank_threads}t/rank",
+            "TP=2 / TP=1",
             "TP=1 step ms",
+            f"TP=1 {rank_threads}t step ms",
             "TP=2 step ms",
-            "plan send us",
-            "plan bytes",
         ],
         rows,
+        fmt,
+    )
+    plan_rows = []
+    for b in args.batch_sizes:
+        two = engine_results["tp2"][b]
+        plan_rows.append(
+            [
+                str(b),
+                f"{two['plan_bytes']:.0f}",
+                f"{two['plan_send_us']:.0f}",
+                f"{two['plan_send_cpu_us']:.0f}",
+                f"{two['plan_send_us'] / 10 / two['step_ms']:.2f}",
+            ]
+        )
+    print_table(
+        "Plan sent by rank 0 per iteration, TP=2",
+        ["batch", "bytes", "wall us", "CPU us", "wall % of step"],
+        plan_rows,
         fmt,
     )
     print_table(
