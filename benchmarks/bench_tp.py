@@ -12,7 +12,8 @@
    (pickling the ``SchedulerOutput`` and writing it to each worker's pipe), from the
    executor's own counters during the TP=2 runs: wall time and the thread's CPU time
    (writing to the pipe wakes the worker, which may take the sender's core), with the
-   mean plan size.
+   mean plan size; and rank 0's time inside ``all_reduce`` per iteration (its share of
+   the collective plus waiting for the other rank to get there).
 3. **plan transport, alone**: the plans recorded from a TP=1 run at the largest batch are
    sent to one worker process and acknowledged, one at a time, over (a) the pipe the
    engine uses and (b) ``torch.distributed.broadcast_object_list`` on gloo; the median
@@ -97,6 +98,7 @@ def run_once(
 
         engine.scheduler.schedule = recording  # type: ignore[method-assign]
     num_tokens_out, num_steps = 0, 0
+    all_reduce_before = _ALL_REDUCE_S[0]
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         num_tokens_out += len(engine.step())
@@ -107,8 +109,26 @@ def run_once(
     return {
         "tokens_per_s": num_tokens_out / wall_s,
         "step_ms": wall_s / num_steps * 1e3,
+        "all_reduce_ms_per_step": (_ALL_REDUCE_S[0] - all_reduce_before) / num_steps * 1e3,
         "num_steps": num_steps,
     }
+
+
+# Rank 0's time inside all-reduces (its own part of the collective plus waiting for the
+# slower rank), accumulated by a wrapper around torch.distributed.all_reduce.
+_ALL_REDUCE_S = [0.0]
+_all_reduce = dist.all_reduce
+
+
+def _timed_all_reduce(*args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        return _all_reduce(*args, **kwargs)
+    finally:
+        _ALL_REDUCE_S[0] += time.perf_counter() - start
+
+
+dist.all_reduce = _timed_all_reduce
 
 
 def bench_engine(
@@ -137,6 +157,9 @@ def bench_engine(
             row: dict[str, Any] = {
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                 "step_ms": statistics.median(r["step_ms"] for r in runs),
+                "all_reduce_ms_per_step": statistics.median(
+                    r["all_reduce_ms_per_step"] for r in runs
+                ),
                 "num_steps": runs[0]["num_steps"],
                 "torch_threads_per_rank": threads_per_rank,
             }
@@ -303,11 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{two['plan_send_us']:.0f}",
                 f"{two['plan_send_cpu_us']:.0f}",
                 f"{two['plan_send_us'] / 10 / two['step_ms']:.2f}",
+                f"{two['all_reduce_ms_per_step']:.1f}",
             ]
         )
     print_table(
-        "Plan sent by rank 0 per iteration, TP=2",
-        ["batch", "bytes", "wall us", "CPU us", "wall % of step"],
+        "Plan sent by rank 0 per iteration, TP=2 (and rank 0's time in all-reduces)",
+        ["batch", "bytes", "wall us", "CPU us", "wall % of step", "all-reduce ms/step"],
         plan_rows,
         fmt,
     )

@@ -211,14 +211,15 @@ class TensorParallelExecutor:
         ready = multiprocessing.connection.wait([*sentinels, self._wake_r])
         if self._closed:
             return
-        dead = [sentinels[s] for s in ready if s in sentinels]
+        dead = [w for sentinel, w in sentinels.items() if sentinel in ready]
         if dead:
             self._fail(self._death_message(dead[0]))
 
     def _dead_worker_reason(self, wait_s: float) -> str | None:
         sentinels = {w.process.sentinel: w for w in self._workers}
         ready = multiprocessing.connection.wait(list(sentinels), timeout=wait_s)
-        return self._death_message(sentinels[ready[0]]) if ready else None
+        dead = [w for sentinel, w in sentinels.items() if sentinel in ready]
+        return self._death_message(dead[0]) if dead else None
 
     def _death_message(self, worker: _Worker) -> str:
         with self._reap_lock:
