@@ -79,6 +79,9 @@ class EngineConfig:
     max_model_len: int | None = None
     # Saved prefill profile (JSON); empty: measure at startup (policies that need one).
     prefill_profile_path: str = ""
+    # Ranks that each hold a slice of every layer's heads and of every KV block. The
+    # KV byte budgets in ``cache`` are totals over all ranks (each holds 1/tp of them).
+    tensor_parallel_size: int = 1
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -87,6 +90,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,9 @@ class ServingConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cancellation_check_period_ms: int = 50
     exclude_input_in_output: bool = True
+    # An engine that cannot go on (a tensor-parallel rank died) unloads its Triton model,
+    # so that the model's ready endpoint says no. Needs --model-control-mode=explicit.
+    unload_model_on_failure: bool = False
 
     def __post_init__(self) -> None:
         # The engine loop waits on its inbox with this timeout: a negative one raises in
@@ -141,8 +150,10 @@ _PARAMETERS = {
     "ttft_slo_ms": ("scheduler", "ttft_slo_s", _milliseconds),
     "tbt_slo_ms": ("scheduler", "tbt_slo_s", _milliseconds),
     "prefill_profile_path": ("engine", "prefill_profile_path", str),
+    "tensor_parallel_size": ("engine", "tensor_parallel_size", int),
     "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
     "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),
+    "unload_model_on_failure": ("serving", "unload_model_on_failure", _parse_bool),
 }
 
 

@@ -18,17 +18,15 @@ from ..core.cost_model import CostModel, PrefillProfile
 from ..core.request import FINISH_REASONS, CacheMode, Request, RequestStatus, SamplingParams
 from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
 from ..model.args import LlamaArgs
-from ..model.checkpoint import load_model
+from ..model.parallel import check_divisible
+from .executor import Executor, LocalExecutor, ShardSpec
 from .kv_cache import (
-    allocate_kv_caches,
     bytes_per_block,
     hidden_bytes_per_token,
     hidden_tokens_per_block,
     kv_bytes_per_token,
     num_blocks_for_budget,
 )
-from .kv_swap import KVSwapper
-from .model_runner import ModelRunner
 from .profiling import measure_hidden_recompute_cost, measure_prefill_profile
 from .sampler import SamplingState
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -109,8 +107,11 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model_dir)
         self.args = LlamaArgs.from_model_dir(self.model_dir)
         self.tokenizer = TextTokenizer(self.model_dir)
-        self.model = load_model(self.model_dir, self.device, self.dtype)
+        self.tensor_parallel_size = config.tensor_parallel_size
+        check_divisible(self.args, self.tensor_parallel_size)
 
+        # Block counts come from the whole model's bytes per block: the budgets are totals
+        # over the ranks, so the schedule does not depend on tensor_parallel_size.
         block_size = config.cache.block_size
         num_blocks = num_blocks_for_budget(
             self.args, block_size, self.dtype, config.cache.kv_cache_bytes
@@ -120,16 +121,17 @@ class LLMEngine:
         self.kv_bytes_per_token = kv_bytes_per_token(self.args, self.dtype)
         self.hidden_bytes_per_token = hidden_bytes_per_token(self.args, self.dtype)
         tokens_per_hidden_block, self.hidden_unavailable_reason = hidden_tokens_per_block(
-            self.args, block_size)
+            self.args, block_size, self.tensor_parallel_size)
         self.block_manager = BlockManager(num_blocks, block_size, num_host_blocks,
                                           hidden_tokens_per_block=tokens_per_hidden_block)
-        kv_caches = allocate_kv_caches(self.args, num_blocks, block_size, self.device, self.dtype)
-        host_caches = allocate_kv_caches(
-            self.args, num_host_blocks, block_size, torch.device("cpu"), self.dtype,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device)
-        self.swapper = KVSwapper(kv_caches, host_caches, self.device)
+        spec = ShardSpec(model_dir=self.model_dir, device=str(self.device), dtype=self.dtype,
+                         block_size=block_size, num_blocks=num_blocks,
+                         num_host_blocks=num_host_blocks)
+        self.executor = _create_executor(spec, self.tensor_parallel_size)
+        # Rank 0's shard (the whole model with one rank).
+        self.model = self.executor.shard.model
+        self.runner = self.executor.shard.runner
+        self.swapper = self.executor.shard.swapper
         self.max_model_len = min(
             config.max_model_len or self.args.max_position_embeddings,
             self.args.max_position_embeddings,
@@ -168,7 +170,7 @@ class LLMEngine:
             profile = PrefillProfile.load(self.config.prefill_profile_path)
         elif policy.requires_cost_model:
             profile = measure_prefill_profile(
-                self.runner, self.block_manager,
+                self.executor, self.block_manager,
                 max_tokens=min(self.max_model_len,
                                self.config.scheduler.max_num_batched_tokens),
                 vocab_size=self.args.vocab_size,
@@ -177,8 +179,9 @@ class LLMEngine:
             return None
         if (policy.requires_recompute_cost and self.block_manager.supports_hidden
                 and profile.hidden_recompute_s_per_block is None):
+            # Hidden mode exists only with one rank.
             profile = replace(profile, hidden_recompute_s_per_block=(
-                measure_hidden_recompute_cost(self.runner, self.block_manager,
+                measure_hidden_recompute_cost(self.executor, self.block_manager,
                                               max_context_len=self.max_model_len)))
         return profile
 
@@ -254,6 +257,15 @@ class LLMEngine:
             num_output_tokens=tracked.request.num_output_tokens,
         )
 
+    @property
+    def failure(self) -> str | None:
+        """Why no step can run any more (a tensor-parallel rank died), or ``None``."""
+        return self.executor.failure
+
+    def shutdown(self) -> None:
+        """Stop worker ranks, if any. The engine cannot step afterwards."""
+        self.executor.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
 
@@ -266,14 +278,11 @@ class LLMEngine:
         """Schedule, execute and post-process one iteration."""
         start = time.perf_counter()
         output = self.scheduler.schedule()
-        self.swapper.execute(output)
         results: list[RequestOutput] = []
-        sampled: dict[str, int] = {}
-        if not output.is_empty:
-            states = {item.request_id: self._tracked[item.request_id].sampling
-                      for item in output.scheduled if item.sample}
-            sampled = self.runner.execute(output, states)
-            self._count_cache_modes(output)
+        states = {item.request_id: self._tracked[item.request_id].sampling
+                  for item in output.scheduled if item.sample}
+        sampled = self.executor.execute(output, states)
+        self._count_cache_modes(output)
         # The iteration's measured time is the service each scheduled job received.
         self._last_step_s = time.perf_counter() - start
         self.scheduler.update_from_output(output, sampled, self._last_step_s)
@@ -326,8 +335,9 @@ class LLMEngine:
             num_host_blocks_total=self.block_manager.num_host_blocks,
             num_swap_outs_total=self.swapper.stats.num_swap_outs,
             num_swap_ins_total=self.swapper.stats.num_swap_ins,
-            swap_out_bytes_total=self.swapper.stats.bytes_out,
-            swap_in_bytes_total=self.swapper.stats.bytes_in,
+            # Every rank moves its slice of the same blocks.
+            swap_out_bytes_total=self.swapper.stats.bytes_out * self.tensor_parallel_size,
+            swap_in_bytes_total=self.swapper.stats.bytes_in * self.tensor_parallel_size,
             swap_time_s_total=self.swapper.stats.time_s,
             kv_bytes_per_token=self.kv_bytes_per_token,
             hidden_bytes_per_token=self.hidden_bytes_per_token,
@@ -347,3 +357,10 @@ class LLMEngine:
                 texts[out.request_id] += out.text
         return [texts[i] for i in ids]
 
+
+def _create_executor(spec: ShardSpec, tensor_parallel_size: int) -> Executor:
+    if tensor_parallel_size == 1:
+        return LocalExecutor(spec)
+    from .tp_executor import TensorParallelExecutor
+
+    return TensorParallelExecutor(spec, tensor_parallel_size)

@@ -26,9 +26,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, output: SchedulerOutput, states: Mapping[str, SamplingState]
+        self, output: SchedulerOutput, states: Mapping[str, SamplingState] | None
     ) -> dict[str, int]:
-        """Run one iteration; return the sampled token of every item with ``sample``."""
+        """Run one iteration; return the sampled token of every item with ``sample``.
+
+        ``states=None`` (tensor-parallel worker ranks) runs the forward only.
+        """
         prefills = [s for s in output.scheduled if s.is_prefill]
         decodes = [s for s in output.scheduled if not s.is_prefill]
         hidden_decodes: list[ScheduledRequest] = []
@@ -61,7 +64,7 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
-        if not sample_rows:
+        if not sample_rows or states is None:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         sampled_items = [item for item in ordered if item.sample]

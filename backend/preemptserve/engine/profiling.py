@@ -18,7 +18,7 @@ from ..core.block_manager import BlockManager
 from ..core.cost_model import PrefillProfile
 from ..core.request import SamplingParams
 from ..core.scheduler import ScheduledRequest, SchedulerOutput
-from .model_runner import ModelRunner
+from .executor import Executor
 from .sampler import SamplingState
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ _PROFILE_ID = "__prefill_profile__"
 
 
 def measure_prefill_profile(
-    runner: ModelRunner,
+    runner: Executor,
     block_manager: BlockManager,
     max_tokens: int,
     vocab_size: int,
@@ -73,7 +73,7 @@ _HIDDEN_PROFILE_ID = "__hidden_profile__"
 
 
 def measure_hidden_recompute_cost(
-    runner: ModelRunner,
+    runner: Executor,
     block_manager: BlockManager,
     max_context_len: int,
     context_lens: tuple[int, ...] = HIDDEN_PROFILE_CONTEXT_LENS,
@@ -181,7 +181,7 @@ def _decode_batch(
     return SchedulerOutput(step_id=0, scheduled=tuple(items))
 
 
-def _time_step(runner: ModelRunner, output: SchedulerOutput) -> float:
+def _time_step(runner: Executor, output: SchedulerOutput) -> float:
     start = time.perf_counter()
     runner.execute(output, {})
     if runner.device.type == "cuda":

@@ -10,6 +10,15 @@ from safetensors import safe_open
 
 from .args import LlamaArgs
 from .llama import LlamaForCausalLM
+from .parallel import (
+    SINGLE,
+    MergedColumnParallelLinear,
+    ParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    check_divisible,
+    source_shape,
+)
 from .rope import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -25,30 +34,29 @@ _FUSED = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _fused_row_range(args: LlamaArgs, param_suffix: str, shard: int) -> tuple[int, int]:
-    if param_suffix.endswith("qkv_proj.weight"):
-        q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
-    f = args.intermediate_size
-    return [(0, f), (f, 2 * f)][shard]
-
-
 def load_model(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+    tp: TensorParallel = SINGLE,
 ) -> LlamaForCausalLM:
-    """Build the model on ``device`` and fill every parameter from the checkpoint.
+    """Build the model (this rank's shard) on ``device`` and fill it from the checkpoint.
 
-    Raises ``ValueError`` naming the tensors if the checkpoint does not match the config.
+    Reads only this rank's slice of every tensor-parallel weight. Raises ``ValueError``
+    naming the tensors if the checkpoint does not match the config (full shapes are
+    checked, so every rank reports the same mismatch).
     """
     model_dir = Path(model_dir)
     args = LlamaArgs.from_model_dir(model_dir)
+    check_divisible(args, tp.world_size)
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = LlamaForCausalLM(args, tp)
     model = model.to_empty(device=device).to(dtype)
     # The rotary tables were built on the meta device: rebuild them on the real one.
     model.model.rotary = RotaryEmbedding(args, args.max_position_embeddings).to(device)
 
     params = dict(model.named_parameters())
+    parallel = {f"{name}.weight": module for name, module in model.named_modules()
+                if isinstance(module, MergedColumnParallelLinear | RowParallelLinear)}
+    skipped = set() if model.lm_head is not None else {"lm_head.weight"}
     loaded: set[str] = set()
     unexpected: list[str] = []
     files = sorted(model_dir.glob("*.safetensors"))
@@ -57,25 +65,25 @@ def load_model(
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
+                if name.endswith(_IGNORED_SUFFIXES) or name in skipped:
                     continue
-                tensor = f.get_tensor(name)
-                target, rows = _target(args, name)
-                if target not in params:
+                target, shard = _target(name)
+                source = f.get_slice(name)
+                if target in parallel:
+                    module = parallel[target]
+                    _check_shape(name, source_shape(source), module.full_shape(shard))
+                    module.load(source, shard)
+                    loaded.add(f"{target}#{shard}")
+                elif target in params:
+                    param = params[target]
+                    _check_shape(name, source_shape(source), tuple(param.shape))
+                    param.data.copy_(source[:])
+                    loaded.add(target)
+                else:
                     unexpected.append(name)
-                    continue
-                param = params[target]
-                dest = param.data if rows is None else param.data[rows[0] : rows[1]]
-                if dest.shape != tensor.shape:
-                    raise ValueError(
-                        f"checkpoint does not match config.json: {name} has shape "
-                        f"{tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                    )
-                dest.copy_(tensor.to(dtype))
-                loaded.add(name if rows is None else f"{target}#{rows[0]}")
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and model.lm_head is not None:
         model.lm_head.weight = model.model.embed_tokens.weight
-    expected = _expected_keys(args, params)
+    expected = _expected_keys(args, params, parallel)
     missing = sorted(expected - loaded)
     if missing or unexpected:
         raise ValueError(
@@ -83,27 +91,35 @@ def load_model(
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    logger.info("loaded %s: %.1fM parameters on %s (%s)", model_dir,
-                args.num_params() / 1e6, device, dtype)
+    logger.info("loaded %s: %.1fM parameters on %s (%s), tensor-parallel rank %d of %d",
+                model_dir, args.num_params() / 1e6, device, dtype, tp.rank, tp.world_size)
     return model.eval()
 
 
-def _target(args: LlamaArgs, name: str) -> tuple[str, tuple[int, int] | None]:
+def _check_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if actual != expected:
+        raise ValueError(
+            f"checkpoint does not match config.json: {name} has shape "
+            f"{actual}, expected {expected}"
+        )
+
+
+def _target(name: str) -> tuple[str, int]:
+    """Our parameter for a checkpoint tensor, and its shard within a fused weight."""
     for suffix, (param_suffix, shard) in _FUSED.items():
         if name.endswith(suffix):
-            return name[: -len(suffix)] + param_suffix, _fused_row_range(args, param_suffix, shard)
-    return name, None
+            return name[: -len(suffix)] + param_suffix, shard
+    return name, 0
 
 
-def _expected_keys(args: LlamaArgs, params: dict[str, torch.nn.Parameter]) -> set[str]:
+def _expected_keys(args: LlamaArgs, params: dict[str, torch.nn.Parameter],
+                   parallel: dict[str, ParallelLinear]) -> set[str]:
     keys: set[str] = set()
     for name in params:
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
-            num_shards = 3 if name.endswith("qkv_proj.weight") else 2
-            for shard in range(num_shards):
-                keys.add(f"{name}#{_fused_row_range(args, name, shard)[0]}")
+        if name in parallel:
+            keys.update(f"{name}#{shard}" for shard in range(parallel[name].num_shards))
         else:
             keys.add(name)
     return keys

@@ -2,7 +2,9 @@
 
 Forward runs over a flat batch of tokens from many requests (prefill chunks and decode
 tokens mixed), reading and writing a paged KV cache. Q/K/V and gate/up are fused into
-one matmul each; ``checkpoint.load_weights`` splits Hugging Face tensors into them.
+one matmul each; ``checkpoint.load_model`` splits Hugging Face tensors into them.
+With tensor parallelism (``tp``) each rank builds only its heads and MLP units
+(``parallel.py``); with one rank the layers are plain matmuls.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from .args import LlamaArgs
 from .attention import AttentionMetadata, paged_attention, write_cache
+from .parallel import SINGLE, MergedColumnParallelLinear, RowParallelLinear, TensorParallel
 from .rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -34,14 +37,18 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
+        # This rank's heads; the projections hold only their rows / columns.
+        self.num_heads = args.num_heads // tp.world_size
+        self.num_kv_heads = args.num_kv_heads // tp.world_size
         self.head_dim = args.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        q_full, kv_full = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(args.hidden_size, (q_full, kv_full, kv_full),
+                                                   tp)
+        self.o_proj = RowParallelLinear(q_full, args.hidden_size, tp)
 
     def forward(
         self, rotary: Rotary, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
@@ -60,10 +67,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        f = args.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, (f, f), tp)
+        self.down_proj = RowParallelLinear(f, args.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -71,12 +79,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = LlamaAttention(args)
+        self.self_attn = LlamaAttention(args, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = LlamaMLP(args)
+        self.mlp = LlamaMLP(args, tp)
 
     def forward(
         self, rotary: Rotary, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
@@ -86,20 +94,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.rotary = RotaryEmbedding(args, args.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, tp) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tp = tp
+        self.model = LlamaModel(args, tp)
+        # Only rank 0 samples, so only rank 0 holds the (replicated) LM head.
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) \
+            if tp.rank == 0 else None
 
     @torch.inference_mode()
     def forward(
@@ -118,4 +129,5 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "logits are computed on rank 0 only"
         return self.lm_head(hidden).float()

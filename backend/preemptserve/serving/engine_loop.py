@@ -6,6 +6,10 @@ asking ``is_cancelled()`` are IPC round trips to the server process: they stay o
 engine thread). Callbacks of one request run in order. Every submitted request gets
 exactly one output with ``finished=True`` (a result, a cancellation, or an error),
 whatever happens.
+
+When the engine reports a failure it cannot recover from (a tensor-parallel rank died),
+the loop fails every request in flight, rejects every later one with the reason, and
+calls ``on_failure`` once: the model is unhealthy from then on.
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ class EngineLoop:
         cancellation_check_period_s: float = 0.05,
         on_stats: Callable[[EngineStats], None] | None = None,
         stats_period_s: float = 0.1,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
+        self._on_failure = on_failure
+        self._failure: str | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._active: dict[str, _Submission] = {}
         self._cancel_period_s = cancellation_check_period_s
@@ -89,13 +96,19 @@ class EngineLoop:
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
 
+    @property
+    def failure(self) -> str | None:
+        """Why the loop serves no more requests (the engine failed), or ``None``."""
+        return self._failure
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop the loop; requests still in flight end with an error."""
+        """Stop the loop and the engine; requests still in flight end with an error."""
         self._stop.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout_s)
         self._outbox.put(None)
         self._sender.join(timeout_s)
+        self.engine.shutdown()
 
     # -- the loop thread -------------------------------------------------------------------
 
@@ -104,6 +117,8 @@ class EngineLoop:
         stats_dirty = True
         while not self._stop.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished_requests())
+            if self._failure is None and self.engine.failure is not None:
+                self._mark_failed(self.engine.failure)  # e.g. a rank died while idle
             now = time.monotonic()
             if self.engine.has_unfinished_requests():
                 stats_dirty = True
@@ -111,7 +126,10 @@ class EngineLoop:
                     outputs = self.engine.step()
                 except Exception:  # a broken step must not strand requests
                     logger.exception("engine step failed; failing in-flight requests")
-                    self._fail_all("internal error in the engine step")
+                    if self.engine.failure is not None:
+                        self._mark_failed(self.engine.failure)
+                    else:
+                        self._fail_all("internal error in the engine step")
                     continue
                 for output in outputs:
                     self._deliver(output)
@@ -139,7 +157,21 @@ class EngineLoop:
             except queue.Empty:
                 return
 
+    def _mark_failed(self, reason: str) -> None:
+        logger.error("the engine failed (%s): the model is unhealthy", reason)
+        self._failure = reason
+        self._fail_all(f"the model is unhealthy: {reason}")
+        if self._on_failure is not None:
+            try:
+                self._on_failure(reason)
+            except Exception:
+                logger.exception("on_failure callback failed")
+
     def _admit(self, sub: _Submission) -> None:
+        if self._failure is not None:
+            self._call(sub, _final(sub.request_id, "error"),
+                       f"the model is unhealthy: {self._failure}")
+            return
         try:
             self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
                                     ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s)

@@ -7,11 +7,13 @@ and calls back here to send responses through each request's response sender.
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+import preemptserve
 from preemptserve.config import serving_config_from_parameters
 from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from preemptserve.serving.engine_loop import EngineLoop
@@ -42,19 +44,45 @@ class TritonPythonModel:
             for name, value in model_config.get("parameters", {}).items()
         }
         self.config = serving_config_from_parameters(parameters)
+        self.model_name = args["model_name"]
         engine = LLMEngine(self.config.engine)
-        self.metrics = _Metrics(args["model_name"], engine.get_stats())
+        self.metrics = _Metrics(self.model_name, engine.get_stats())
         self.loop = EngineLoop(
             engine,
             cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
             on_stats=self.metrics.update,
+            on_failure=self._on_engine_failure,
         )
         self.loop.start()
         self.logger.log_info(
-            f"preemptserve: model {engine.model_dir} on {engine.device}, "
+            f"preemptserve ({preemptserve.__path__[0]}): model {engine.model_dir} on "
+            f"{engine.device}, tensor_parallel_size {engine.tensor_parallel_size}, "
             f"policy {self.config.engine.scheduler.policy}, "
             f"{engine.block_manager.num_blocks} KV blocks, {torch.get_num_threads()} torch threads"
         )
+
+    def _on_engine_failure(self, reason: str) -> None:
+        """The engine cannot serve any more (a rank died): say so, and leave if allowed.
+
+        Requests in flight already got an error and new ones get one at once. Triton 24.10
+        lets a Python model change its readiness only by being unloaded, which the server
+        allows under ``--model-control-mode=explicit`` only: with ``unload_model_on_failure``
+        the model unloads itself and ``/v2/models/<name>/ready`` turns false. (Off by
+        default: in the other modes 24.10 refuses, and its Python backend sometimes
+        aborted the server after that refused call.)
+        """
+        self.logger.log_error(f"preemptserve: model unhealthy: {reason}")
+        self.metrics.healthy.set(0)
+        if not self.config.unload_model_on_failure:
+            return
+
+        def unload() -> None:
+            try:
+                pb_utils.unload_model(self.model_name)
+            except Exception as exc:
+                self.logger.log_error(f"preemptserve: could not unload the model: {exc}")
+
+        threading.Thread(target=unload, name="unload-unhealthy", daemon=True).start()
 
     def execute(self, requests):
         for request in requests:
@@ -137,6 +165,10 @@ class _Metrics:
         self.blocks_total = blocks.Metric(labels={**labels, "state": "total"})
         self.host_blocks_used = blocks.Metric(labels={**labels, "state": "host_used"})
         self.host_blocks_total = blocks.Metric(labels={**labels, "state": "host_total"})
+        health = pb_utils.MetricFamily(
+            name="preemptserve_healthy", description="1 while the engine can serve", kind=gauge)
+        self.healthy = health.Metric(labels=labels)
+        self.healthy.set(1)
         preemptions = pb_utils.MetricFamily(
             name="preemptserve_preemptions_total",
             description="Running requests that lost their place in the batch", kind=counter)
@@ -177,7 +209,7 @@ class _Metrics:
         ]
         self._last = {field: 0 for _, field in self._counters}
         # A family must outlive its metrics, or updates fail.
-        self._families = (requests, blocks, preemptions, recomputations, tokens, swaps,
+        self._families = (requests, blocks, health, preemptions, recomputations, tokens, swaps,
                           swap_bytes, swap_seconds, mode_tokens, mixed_steps)
         self.update(stats)
 
