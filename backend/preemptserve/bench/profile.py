@@ -30,6 +30,7 @@ from ..config import serving_config_from_parameters
 from ..core.request import SamplingParams
 from ..core.scheduler import BlockSwap, SchedulerOutput
 from ..engine.llm_engine import LLMEngine
+from ..engine.profiling import measure_hidden_recompute_cost
 from ..sim.cost_model import COEFFICIENTS, BatchShape, IterationCostModel, batch_shape
 from ..sim.fit import fit_iteration_coefficients, fit_swap
 from .workload import RequestSpec, Workload
@@ -160,6 +161,10 @@ def profile_engine(
     load_before = os.getloadavg()[0]
     steps = measure_steps(engine)
     swaps = measure_swaps(engine)
+    # apt's hybrid cache: what keeping a block of context as hidden states costs a step.
+    recompute_s = (measure_hidden_recompute_cost(engine.executor, engine.block_manager,
+                                                 max_context_len=engine.max_model_len)
+                   if engine.block_manager.supports_hidden else None)
     coefficients = fit_iteration_coefficients(steps)
     swap_fixed_s, swap_bytes_per_s = fit_swap(swaps)
     model = IterationCostModel(
@@ -169,6 +174,7 @@ def profile_engine(
         swap_overlaps_compute=engine.device.type == "cuda",
         kv_bytes_per_token=engine.swapper._block_bytes // engine.block_manager.block_size,
         max_model_len=engine.args.max_position_embeddings,
+        hidden_recompute_s_per_block=recompute_s,
     )
     ratios = np.array([t / model.iteration_time_s(s) for s, t in steps])
     model = model.with_coefficients(

@@ -91,8 +91,9 @@ class IterationCostModel:
     # KV bytes of one token (all layers, K and V): turns kv_cache_bytes into blocks.
     kv_bytes_per_token: int = 0
     max_model_len: int = 0
-    # For ``apt``'s hybrid cache (``HybridCostModel``): extra decode seconds per block of
-    # context kept as hidden states. Not part of ``iteration_time_s`` yet.
+    # For ``apt``'s hybrid cache (``HybridCostModel``): extra step seconds per KV-sized
+    # block of context kept as hidden states (the simulator adds it per hidden-mode item
+    # that recomputes K/V). ``None``: the engine offers no hidden mode.
     hidden_recompute_s_per_block: float | None = None
     # Measured spread of real iteration times around the model: quantiles (evenly spaced
     # probabilities from 0 to 1) of measured / modelled time over the profiling steps. When

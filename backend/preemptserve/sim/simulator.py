@@ -77,6 +77,11 @@ class SimConfig:
             min(limits),
             block_bytes,
             check_invariants,
+            # A profiled recompute cost means the engine offers hidden mode, which it does
+            # only where a hidden state is half of K+V: twice the tokens per block.
+            hidden_tokens_per_block=(2 * engine.cache.block_size
+                                     if cost_model.hidden_recompute_s_per_block is not None
+                                     else 0),
         )
 
 
@@ -262,6 +267,12 @@ class Simulator:
         """(iteration time, of which swaps) for one planned iteration."""
         cost = self.cost_model
         compute_s = cost.iteration_time_s(batch_shape(output))
+        if cost.hidden_recompute_s_per_block:
+            # Hidden-mode items past their first chunk recompute K/V of their context.
+            block_size = self.config.block_size
+            compute_s += cost.hidden_recompute_s_per_block * sum(
+                -(-item.context_len // block_size) for item in output.scheduled
+                if item.hidden and item.start_position > 0)
         if cost.noise_quantiles and not output.is_empty:
             compute_s *= cost.noise_factor(self._noise.random())
         block_bytes = self.config.block_bytes
