@@ -143,14 +143,23 @@ class AptScheduler(Scheduler):
         bm = self.block_manager
         bm.commit_pending()
         now = self.clock()
-        values = {rid: self.value(r, now) for rid, r in self._requests.items()}
-        decodes = [r for r in self._requests.values()
-                   if r.num_computed_tokens and r.num_uncomputed_tokens == 1]
-        prefills = [r for r in self._requests.values() if r.num_uncomputed_tokens > 1
-                    or not r.num_computed_tokens]
+        values: dict[str, float] = {}
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        decode_value = prefill_value = 0.0
+        # One pass over every request each iteration: keep it lean.
+        for request_id, request in self._requests.items():
+            value = values[request_id] = self.value(request, now)
+            computed = request.num_computed_tokens
+            if computed and computed + 1 == (len(request.prompt_token_ids)
+                                             + len(request.output_token_ids)):
+                decodes.append(request)
+                decode_value += value
+            else:
+                prefills.append(request)
+                prefill_value += value
         plan = _Plan()
-        decode_first = (sum(values[r.request_id] for r in decodes)
-                        > sum(values[r.request_id] for r in prefills))
+        decode_first = decode_value > prefill_value
         for step in ((self._decode_step, self._prefill_step) if decode_first
                      else (self._prefill_step, self._decode_step)):
             step(decodes if step == self._decode_step else prefills, values, plan)
@@ -194,6 +203,13 @@ class AptScheduler(Scheduler):
         if not decodes:
             return
         plan.victims = None
+        if len(decodes) <= self.config.max_batch_size and self._all_fit(decodes):
+            # Memory does not bind: the knapsack would choose everyone.
+            self.last_num_candidates = len(decodes)
+            for request in decodes:
+                self._admit(request, 1, plan, set(), values)
+            self.num_decode_steps += 1
+            return
         decode_ids = {r.request_id for r in decodes}
         # Blocks held by unfinished prefills stay theirs in a decode step.
         capacity = bm.num_blocks - sum(bm.num_device_blocks_of(rid)
@@ -209,6 +225,17 @@ class AptScheduler(Scheduler):
         for request_id, _ in chosen:
             self._admit(self._requests[request_id], 1, plan, keep, values)
         self.num_decode_steps += bool(plan.selected)
+
+    def _all_fit(self, decodes: list[Request]) -> bool:
+        """Every decode is resident and the free blocks cover their next token."""
+        bm = self.block_manager
+        needed = 0
+        for request in decodes:
+            request_id = request.request_id
+            if not bm.has_blocks(request_id):
+                return False
+            needed += bm.num_blocks_needed(request_id, request.num_tokens, request.hidden)
+        return needed <= bm.num_free_blocks
 
     def _prefill_step(self, prefills: list[Request], values: dict[str, float],
                       plan: _Plan) -> None:
