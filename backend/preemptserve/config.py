@@ -58,6 +58,8 @@ class CacheConfig:
     block_size: int = 16
     # Host (pinned when CUDA is present) block pool for swapped-out KV; 0 disables it.
     host_kv_cache_bytes: int = 0
+    # Offer hidden-cache mode (Apt-Serve) where the model allows it; false: K/V only.
+    enable_hidden_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.host_kv_cache_bytes < 0:
@@ -142,6 +144,7 @@ _PARAMETERS = {
     "kv_cache_bytes": ("cache", "kv_cache_bytes", int),
     "kv_block_size": ("cache", "block_size", int),
     "kv_cache_host_memory_bytes": ("cache", "host_kv_cache_bytes", int),
+    "enable_hidden_cache": ("cache", "enable_hidden_cache", _parse_bool),
     "kv_reserve_fraction": ("scheduler", "kv_reserve_fraction", float),
     "mlfq_base_quantum_ms": ("scheduler", "mlfq_base_quantum_s", _milliseconds),
     "mlfq_quantum_ratio": ("scheduler", "mlfq_quantum_ratio", float),

@@ -162,3 +162,9 @@ def test_shipped_policy_is_registered() -> None:
 
     parameters = pbtxt_parameters(MODEL_CONFIG_PBTXT.read_text())
     assert parameters["scheduler_policy"] in available_policies()
+
+
+def test_hidden_cache_can_be_disabled() -> None:
+    assert serving_config_from_parameters({}).engine.cache.enable_hidden_cache
+    config = serving_config_from_parameters({"enable_hidden_cache": "false"})
+    assert not config.engine.cache.enable_hidden_cache

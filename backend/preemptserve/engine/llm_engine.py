@@ -122,6 +122,8 @@ class LLMEngine:
         self.hidden_bytes_per_token = hidden_bytes_per_token(self.args, self.dtype)
         tokens_per_hidden_block, self.hidden_unavailable_reason = hidden_tokens_per_block(
             self.args, block_size, self.tensor_parallel_size)
+        if not config.cache.enable_hidden_cache:
+            tokens_per_hidden_block, self.hidden_unavailable_reason = 0, "disabled by config"
         self.block_manager = BlockManager(num_blocks, block_size, num_host_blocks,
                                           hidden_tokens_per_block=tokens_per_hidden_block)
         spec = ShardSpec(model_dir=self.model_dir, device=str(self.device), dtype=self.dtype,

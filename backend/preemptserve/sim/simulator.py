@@ -81,7 +81,7 @@ class SimConfig:
             # only where a hidden state is half of K+V: twice the tokens per block.
             hidden_tokens_per_block=(2 * engine.cache.block_size
                                      if cost_model.hidden_recompute_s_per_block is not None
-                                     else 0),
+                                     and engine.cache.enable_hidden_cache else 0),
         )
 
 
