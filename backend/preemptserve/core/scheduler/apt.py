@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..cost_model import CostModel
-from ..request import CacheMode, Request, RequestStatus
+from ..request import CacheMode, Request
 from .base import Scheduler
 from .knapsack import Option, choose
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
@@ -76,8 +76,6 @@ class AptScheduler(Scheduler):
         self.num_prefill_steps = self.num_decode_steps = 0
         self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0
-        self.num_swap_outs = self.num_swap_ins = 0
-        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -328,11 +326,7 @@ class AptScheduler(Scheduler):
                     return None
                 raise AssertionError("forced admission found no room")
         if bm.is_on_host(request_id):
-            pairs = bm.swap_in(request_id)
-            assert pairs is not None, "room was made above"
-            plan.swap_in.append(BlockSwap(request_id, tuple(pairs)))
-            self.num_swap_ins += 1
-            self.num_blocks_swapped_in += len(pairs)
+            plan.swap_in.append(self._plan_swap_in(request))
         item = self._try_schedule(request, num_tokens)
         if item is not None:
             plan.selected[request_id] = item
@@ -342,11 +336,8 @@ class AptScheduler(Scheduler):
         """Swap ``victim``'s cache to the host tier, or drop it (recomputation) if full."""
         victim_id = victim.request_id
         plan.evicted.append(victim_id)
-        pairs = self.block_manager.swap_out(victim_id, reuse_now=True)
-        if pairs is not None:
-            plan.swap_out.append(BlockSwap(victim_id, tuple(pairs), blocking=True))
-            self.num_swap_outs += 1
-            self.num_blocks_swapped_out += len(pairs)
-            victim.status = RequestStatus.PREEMPTED
+        swap = self._plan_swap_out(victim, reuse_now=True)
+        if swap is not None:
+            plan.swap_out.append(swap)
         else:
             self._preempt_by_recompute(victim)

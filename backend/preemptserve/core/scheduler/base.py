@@ -21,7 +21,7 @@ from ...config import SchedulerConfig
 from ..block_manager import BlockManager
 from ..cost_model import CostModel
 from ..request import Request, RequestStatus
-from .output import ScheduledRequest, SchedulerOutput
+from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 
 Clock = Callable[[], float]
 
@@ -51,6 +51,9 @@ class Scheduler(ABC):
         self.num_preemptions_total = 0
         # ... and one whose KV was dropped, to be prefilled again.
         self.num_recomputations_total = 0
+        # Requests and blocks moved between tiers by policies that swap.
+        self.num_swap_outs = self.num_swap_ins = 0
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
         self._step_id = 0
 
     # -- requests in and out -------------------------------------------------------------
@@ -143,6 +146,24 @@ class Scheduler(ABC):
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_recomputations_total += 1
+
+    def _plan_swap_out(self, request: Request, reuse_now: bool) -> BlockSwap | None:
+        """Move a request's KV to the host tier (it is preempted); None if it cannot."""
+        pairs = self.block_manager.swap_out(request.request_id, reuse_now=reuse_now)
+        if pairs is None:
+            return None
+        request.status = RequestStatus.PREEMPTED
+        self.num_swap_outs += 1
+        self.num_blocks_swapped_out += len(pairs)
+        return BlockSwap(request.request_id, tuple(pairs), blocking=reuse_now)
+
+    def _plan_swap_in(self, request: Request) -> BlockSwap:
+        """Bring a request's KV back to the device; the caller checked there is room."""
+        pairs = self.block_manager.swap_in(request.request_id)
+        assert pairs is not None, "the caller checked for room"
+        self.num_swap_ins += 1
+        self.num_blocks_swapped_in += len(pairs)
+        return BlockSwap(request.request_id, tuple(pairs))
 
     # -- results -------------------------------------------------------------------------
 

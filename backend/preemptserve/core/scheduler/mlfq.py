@@ -62,8 +62,6 @@ class SkipJoinMLFQScheduler(Scheduler):
         # Insertion order is idle order: the first entries have waited longest.
         self._idle_since: dict[str, float] = {}
         self._seq = itertools.count()
-        self.num_swap_outs = self.num_swap_ins = 0
-        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
         self.num_promotions = self.num_demotions = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -269,23 +267,13 @@ class SkipJoinMLFQScheduler(Scheduler):
                 if r not in plan.selected]
 
     def _swap_out(self, job: _Job, plan: _Plan, reuse_now: bool) -> bool:
-        request_id = job.request.request_id
-        pairs = self.block_manager.swap_out(request_id, reuse_now=reuse_now)
-        if pairs is None:
-            return False
-        plan.swap_out.append(BlockSwap(request_id, tuple(pairs), blocking=reuse_now))
-        job.request.status = RequestStatus.PREEMPTED
-        self.num_swap_outs += 1
-        self.num_blocks_swapped_out += len(pairs)
-        return True
+        swap = self._plan_swap_out(job.request, reuse_now)
+        if swap is not None:
+            plan.swap_out.append(swap)
+        return swap is not None
 
     def _swap_in(self, job: _Job, plan: _Plan) -> None:
-        request_id = job.request.request_id
-        pairs = self.block_manager.swap_in(request_id)
-        assert pairs is not None, "the caller checked for room"
-        plan.swap_in.append(BlockSwap(request_id, tuple(pairs)))
-        self.num_swap_ins += 1
-        self.num_blocks_swapped_in += len(pairs)
+        plan.swap_in.append(self._plan_swap_in(job.request))
 
     # -- results -------------------------------------------------------------------------
 
