@@ -310,9 +310,8 @@ class AptScheduler(Scheduler):
             if item is not None:
                 plan.selected[request_id] = item
                 return item
-        needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens,
-                                             request.hidden)
-                     - bm.num_device_blocks_of(request_id))
+        needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
+                                      request.hidden)
         if needed > bm.num_free_blocks:
             if plan.victims is None:
                 plan.victims = sorted((rid for rid in bm.device_owners() if rid not in keep),

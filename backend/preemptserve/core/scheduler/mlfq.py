@@ -219,9 +219,8 @@ class SkipJoinMLFQScheduler(Scheduler):
                 plan.selected[request_id] = item
                 return item
         # Blocks on the host come back as part of the table: count the table once.
-        needed = max(0, bm.blocks_for_tokens(request.num_computed_tokens + num_tokens,
-                                             request.hidden)
-                     - bm.num_device_blocks_of(request_id))
+        needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
+                                      request.hidden)
         if needed > bm.num_free_blocks and not self._evict_below(job, needed, plan, force):
             return None
         if bm.is_on_host(request_id):
