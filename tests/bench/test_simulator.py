@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from preemptserve.bench.metrics import summarize
@@ -112,3 +114,24 @@ def test_measured_noise_is_seeded_and_scales_iterations() -> None:
     w = synthetic("alpaca", 100, rate_rps=30.0, seed=2)
     runs = [Simulator(config("fcfs"), spread, w).run().end_s for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_a_simulation_replays_identically_across_processes() -> None:
+    """No hash-order dependence: string hashes differ between Python processes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests/bench'); import test_simulator as t\n"
+        "for policy in t.available_policies():\n"
+        "    w = t.synthetic('sharegpt', 60, rate_rps=20.0, seed=3, length_scale=0.3,"
+        " max_context_tokens=256)\n"
+        "    r = t.Simulator(t.config(policy), t.COST, w).run()\n"
+        "    print(policy, r.num_iterations, r.num_preemptions, r.num_swap_outs, r.end_s)\n"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1, outputs

@@ -58,7 +58,9 @@ class SkipJoinMLFQScheduler(Scheduler):
         self.reserve_blocks = int(cfg.kv_reserve_fraction * self.block_manager.num_blocks)
         self._levels: list[dict[str, _Job]] = [{} for _ in self.quanta_s]
         self._jobs: dict[str, _Job] = {}
-        self._running: set[str] = set()
+        # A dict, not a set: its order decides idle order, and string hashes vary between
+        # processes (the simulator must replay identically).
+        self._running: dict[str, None] = {}
         # Insertion order is idle order: the first entries have waited longest.
         self._idle_since: dict[str, float] = {}
         self._seq = itertools.count()
@@ -94,7 +96,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         job = self._jobs.pop(request.request_id, None)
         if job is not None:
             del self._levels[job.level][request.request_id]
-        self._running.discard(request.request_id)
+        self._running.pop(request.request_id, None)
         self._idle_since.pop(request.request_id, None)
 
     def _move(self, job: _Job, level: int) -> None:
@@ -196,7 +198,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         for request_id in plan.selected:
             if request_id not in self._running:
                 self._idle_since.pop(request_id, None)
-        self._running = set(plan.selected)
+        self._running = dict.fromkeys(plan.selected)
         return SchedulerOutput(
             step_id=self._next_step_id(),
             scheduled=tuple(plan.selected.values()),
