@@ -304,12 +304,10 @@ class AptScheduler(Scheduler):
         """Blocks (evicting requests outside ``keep``), swap-in if needed, then schedule."""
         bm = self.block_manager
         request_id = request.request_id
-        if bm.has_blocks(request_id):
-            # The common case, a resident request that fits: no eviction, no host lookup.
-            item = self._try_schedule(request, num_tokens)
-            if item is not None:
-                plan.selected[request_id] = item
-                return item
+        item = self._schedule_resident(request, num_tokens)
+        if item is not None:
+            plan.selected[request_id] = item
+            return item
         needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
                                       request.hidden)
         if needed > bm.num_free_blocks:

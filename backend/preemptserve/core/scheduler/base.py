@@ -139,6 +139,14 @@ class Scheduler(ABC):
                                 self.block_manager.block_ids(request_id), stop == num_total,
                                 hidden)
 
+    def _schedule_resident(self, request: Request, num_tokens: int) -> ScheduledRequest | None:
+        """The common case of every step: a request holding device blocks that cover (or can
+        grow to cover) ``num_tokens`` more tokens; None sends the caller down its slow path
+        (eviction, swap-in)."""
+        if not self.block_manager.has_blocks(request.request_id):
+            return None
+        return self._try_schedule(request, num_tokens)
+
     def _preempt_by_recompute(self, request: Request) -> None:
         """Drop a request's KV; it will prefill prompt + output again when resumed."""
         self.block_manager.free(request.request_id)

@@ -214,12 +214,10 @@ class SkipJoinMLFQScheduler(Scheduler):
         bm = self.block_manager
         request = job.request
         request_id = request.request_id
-        if bm.has_blocks(request_id):
-            # The common case, a resident job that fits: no eviction, no host lookup.
-            item = self._try_schedule(request, num_tokens)
-            if item is not None:
-                plan.selected[request_id] = item
-                return item
+        item = self._schedule_resident(request, num_tokens)
+        if item is not None:
+            plan.selected[request_id] = item
+            return item
         # Blocks on the host come back as part of the table: count the table once.
         needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
                                       request.hidden)
