@@ -107,6 +107,9 @@ class ServingConfig:
     # An engine that cannot go on (a tensor-parallel rank died) unloads its Triton model,
     # so that the model's ready endpoint says no. Needs --model-control-mode=explicit.
     unload_model_on_failure: bool = False
+    # Append one JSON line per engine iteration to this file (batch shape, step time,
+    # queues); empty: off. ``bench profile --server`` fits the simulator to it.
+    iteration_stats_path: str = ""
 
     def __post_init__(self) -> None:
         # The engine loop waits on its inbox with this timeout: a negative one raises in
@@ -157,6 +160,7 @@ _PARAMETERS = {
     "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
     "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),
     "unload_model_on_failure": ("serving", "unload_model_on_failure", _parse_bool),
+    "iteration_stats_path": ("serving", "iteration_stats_path", str),
 }
 
 

@@ -92,3 +92,25 @@ def test_shutdown_fails_requests_in_flight(engine):
     output, error = got.wait("a")[-1]
     assert output.finish_reason == "error" and "shutting down" in error
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_iteration_stats_log_has_one_line_per_step(engine, tmp_path):
+    from preemptserve.engine.iteration_stats import read_iteration_log
+
+    path = tmp_path / "iterations.jsonl"
+    loop = EngineLoop(engine, iteration_stats_path=str(path))
+    loop.start()
+    got = Collector()
+    loop.submit("Count the steps", SamplingParams(max_tokens=6, min_length=6), got.callback("a"))
+    loop.submit("and these", SamplingParams(max_tokens=3, min_length=3), got.callback("b"))
+    got.wait("a")
+    got.wait("b")
+    loop.shutdown()
+    records = list(read_iteration_log(path))
+    assert [r.iteration for r in records] == list(
+        range(records[0].iteration, records[0].iteration + len(records)))
+    assert sum(r.num_sampled_tokens for r in records) == 9
+    assert sum(r.num_decode_tokens for r in records) == 9 - 2
+    assert records[-1].num_unfinished == 0 and records[0].num_prefill_tokens > 0
+    assert all(r.step_s > 0 for r in records)
+    assert all(b.start_s >= a.start_s + a.step_s for a, b in zip(records, records[1:]))

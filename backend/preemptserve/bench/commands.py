@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import serving_config_from_parameters
 from ..sim.cost_model import IterationCostModel, load_profile
 from ..sim.simulator import SimConfig, Simulator
 from .metrics import SLO, RequestTimeline, effective_throughput, relative_error, summarize
@@ -361,7 +362,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
-    from .profile import calibrate_serving, profile_engine, save_profile
+    from .profile import profile_engine, profile_serving, save_profile
     from .prompts import PromptBuilder
 
     started = time.time()
@@ -370,13 +371,21 @@ def profile(args: argparse.Namespace) -> int:
     source: dict[str, Any] = new_result("profile", engine=facts)
     if args.server:
         prompts = PromptBuilder()
+        logdir = Path(tempfile.mkdtemp(prefix="preemptserve-profile-"))
+        iteration_log = logdir / "iterations.jsonl"
+        args.param = [*args.param, f"iteration_stats_path={iteration_log}"]
+        block_size = serving_config_from_parameters(params).engine.cache.block_size
+        block_bytes = model.kv_bytes_per_token * block_size
 
         def body(policy: str, server: Any) -> None:
             nonlocal model
-            model, source["serving"] = calibrate_serving(model, server.grpc_url, prompts, params)
+            model, source["serving"] = profile_serving(
+                model, server.grpc_url, prompts, params, iteration_log, block_bytes
+            )
 
         args.policies = ["fcfs"]
         _with_servers(args, body)
+        shutil.rmtree(logdir, ignore_errors=True)
     finish_result(source)
     source["elapsed_s"] = time.time() - started
     path = save_profile(model, args.out, source)

@@ -6,11 +6,13 @@ Three measurements, none taken on the workloads the model is later judged on:
    batches of 1 to 32 requests at several contexts, a random mix), each step's plan
    recorded; the iteration coefficients are fitted to these ``(shape, seconds)`` pairs.
 2. In process: swap-out and swap-in copies of 1 to 64 blocks -> fixed + bytes/bandwidth.
-3. Through a real ``tritonserver`` (optional): what serving adds. Lone short requests
-   give the request latency (client TTFT - modelled prefill); a calibration workload of
-   its own (Alpaca-like, seed 12345) run on the server and in the simulator gives one
-   factor, server mean TPOT / simulated mean TPOT, applied to every iteration
-   coefficient.
+3. Through a real ``tritonserver`` (optional, ``--server``): the iterations as served.
+   The server writes every iteration (``iteration_stats_path``) while it runs profiling
+   workloads of its own; the iteration coefficients are refitted to those loop periods
+   (the in-process fit misses what serving adds: Triton, the response thread and the
+   client share the cores), and the spread of measured / modelled periods and its lag-1
+   autocorrelation become the simulator's noise. Lone short requests give the request
+   latency (client TTFT - modelled prefill).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import torch
 from ..config import serving_config_from_parameters
 from ..core.request import SamplingParams
 from ..core.scheduler import BlockSwap, SchedulerOutput
+from ..engine.iteration_stats import read_iteration_log
 from ..engine.llm_engine import LLMEngine
 from ..engine.profiling import measure_hidden_recompute_cost
-from ..sim.cost_model import COEFFICIENTS, BatchShape, IterationCostModel, batch_shape
-from ..sim.fit import fit_iteration_coefficients, fit_swap
+from ..sim.cost_model import BatchShape, IterationCostModel, batch_shape
+from ..sim.fit import fit_iteration_coefficients, fit_served_iterations, fit_swap
 from .workload import RequestSpec, Workload
 
 logger = logging.getLogger(__name__)
@@ -41,10 +44,13 @@ PREFILL_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
 DECODE_PROMPTS = (16, 128, 384)
 SWAP_BLOCKS = (1, 4, 16, 64)
-# The serving calibration's own workload (Alpaca-like lengths).
-CALIBRATION_SEED = 12_345
-CALIBRATION_REQUESTS = 80
-CALIBRATION_RATE_RPS = 2.5
+# The server profile's own workloads (kind, requests, rate, length scale, seed): short
+# Alpaca-like requests in small batches, then longer ShareGPT-like ones that fill the KV
+# cache (preemptions, long contexts). Never the workloads a profile is judged on.
+PROFILE_WORKLOADS = (
+    ("alpaca", 80, 2.5, 1.0, 12_345),
+    ("sharegpt", 60, 3.0, 0.3, 12_346),
+)
 
 
 def _engine(parameters: Mapping[str, str], kv_cache_bytes: int) -> LLMEngine:
@@ -202,19 +208,22 @@ def profile_engine(
     return model, facts
 
 
-def calibrate_serving(
-    model: IterationCostModel, grpc_url: str, prompts: Any, parameters: Mapping[str, str]
+def profile_serving(
+    model: IterationCostModel,
+    grpc_url: str,
+    prompts: Any,
+    parameters: Mapping[str, str],
+    iteration_log: Path,
+    block_bytes: int,
 ) -> tuple[IterationCostModel, dict[str, Any]]:
-    """Measure what serving adds, against a running ``fcfs`` server (module docstring).
+    """Measure what serving adds, against a running ``fcfs`` server that writes its
+    iterations to ``iteration_log`` (module docstring).
 
     1. Lone requests: client TTFT - modelled prefill = the request latency.
-    2. A calibration workload (Alpaca-like, its own seed, never a workload the model is
-       judged on) through the server and through the simulator with the engine model:
-       the ratio of the server's mean TPOT to the simulated one scales every iteration
-       coefficient (the engine thread shares the cores with Triton, the response thread
-       and the client, which the in-process profile does not see).
+    2. The profiling workloads (``PROFILE_WORKLOADS``: their own seeds, never a workload
+       the model is judged on) through the server; the iteration coefficients, the spread
+       and its autocorrelation are fitted to the server's iterations.
     """
-    from ..sim.simulator import SimConfig, Simulator
     from .loadgen import run_open_loop
     from .workload import synthetic
 
@@ -228,42 +237,36 @@ def calibrate_serving(
 
     for _ in range(3):
         burst(16, 8)  # warm-up
-    residuals = []
-    for n in (16, 64, 256):
-        for _ in range(3):
-            residuals.append(burst(n, 2).ttft_s - model.prefill_time_s(n))
+    skip = sum(1 for _ in read_iteration_log(iteration_log))
+    lone_ttfts = [(n, burst(n, 2).ttft_s) for n in (16, 64, 256) for _ in range(3)]
+    max_context = serving_config_from_parameters(parameters).engine.max_model_len or (
+        model.max_model_len)
+    workloads = []
+    for kind, num_requests, rate, length_scale, seed in PROFILE_WORKLOADS:
+        workloads.append(synthetic(kind, num_requests, rate, seed=seed,
+                                   length_scale=length_scale, max_context_tokens=max_context))
+        run(workloads[-1])
+    deadline = time.monotonic() + 10
+    records = list(read_iteration_log(iteration_log))[skip:]
+    while records and records[-1].num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.2)  # the log is flushed when the engine goes idle
+        records = list(read_iteration_log(iteration_log))[skip:]
+    fitted, facts = fit_served_iterations(model, records, block_bytes)
+    residuals = [ttft - fitted.prefill_time_s(n) for n, ttft in lone_ttfts]
     request_latency_s = max(0.0, float(np.median(residuals)))
-    model = model.with_coefficients(request_latency_s=request_latency_s)
-
-    config = SimConfig.from_parameters({**parameters, "scheduler_policy": "fcfs"}, model)
-    workload = synthetic(
-        "alpaca",
-        CALIBRATION_REQUESTS,
-        CALIBRATION_RATE_RPS,
-        seed=CALIBRATION_SEED,
-        max_context_tokens=config.max_model_len,
-    )
-    served = run(workload)
-    simulated = Simulator(config, model, workload).run().timelines()
-
-    def mean_tpot_s(timelines: list[Any]) -> float:
-        return float(np.mean([t.tpot_s for t in timelines if t.tpot_s is not None]))
-
-    factor = mean_tpot_s(served) / mean_tpot_s(simulated)
-    calibrated = model.with_coefficients(
-        **{name: getattr(model, name) * factor for name in COEFFICIENTS}
-    )
-    facts = {
+    fitted = fitted.with_coefficients(request_latency_s=request_latency_s)
+    facts |= {
         "ttft_residuals_s": residuals,
         "request_latency_s": request_latency_s,
-        "calibration_workload": workload.describe(),
-        "server_mean_tpot_s": mean_tpot_s(served),
-        "engine_model_mean_tpot_s": mean_tpot_s(simulated),
-        "iteration_time_factor": factor,
+        "profiling_workloads": [w.describe() for w in workloads],
+        "in_process_over_served": {
+            f"prefill_{n}": model.prefill_time_s(n) / fitted.prefill_time_s(n)
+            for n in (16, 256)
+        },
         "load_average_1m": os.getloadavg()[0],
     }
-    logger.info("serving calibration: %s", facts)
-    return calibrated, facts
+    logger.info("serving profile: %s", facts)
+    return fitted, facts
 
 
 def save_profile(model: IterationCostModel, path: Path, source: dict[str, Any]) -> Path:

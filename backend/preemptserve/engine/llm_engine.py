@@ -20,6 +20,7 @@ from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, polic
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
 from .executor import Executor, LocalExecutor, ShardSpec
+from .iteration_stats import IterationStats
 from .kv_cache import (
     bytes_per_block,
     hidden_bytes_per_token,
@@ -147,6 +148,8 @@ class LLMEngine:
         self._num_hidden_tokens_total = 0
         self._num_mixed_mode_steps_total = 0
         self._last_step_s = 0.0
+        self._num_iterations = 0
+        self.last_iteration: IterationStats | None = None  # of the latest step()
         logger.info(
             "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB) on %s, "
             "%d host blocks (%.1f MiB), max_model_len=%d",
@@ -278,7 +281,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, execute and post-process one iteration."""
-        start = time.perf_counter()
+        timestamp, start = time.time(), time.perf_counter()
         output = self.scheduler.schedule()
         results: list[RequestOutput] = []
         states = {item.request_id: self._tracked[item.request_id].sampling
@@ -291,7 +294,21 @@ class LLMEngine:
         for request_id, token_id in sampled.items():
             results.append(self._process_token(request_id, token_id))
         self._num_generated_tokens_total += len(results)
+        self._record_iteration(output, timestamp, start)
         return results
+
+    def _record_iteration(self, output: SchedulerOutput, timestamp: float, start: float) -> None:
+        sched, bm = self.scheduler, self.block_manager
+        self.last_iteration = IterationStats.of_step(
+            self._num_iterations, output, timestamp, start, self._last_step_s, bm.block_size,
+            num_unfinished=len(self._tracked),
+            num_waiting=sched.num_waiting,
+            num_running=sched.num_running,
+            num_preempted=sched.num_preempted,
+            num_blocks_used=bm.num_used_blocks,
+            num_host_blocks_used=bm.num_used_host_blocks,
+        )
+        self._num_iterations += 1
 
     def _count_cache_modes(self, output: SchedulerOutput) -> None:
         num_hidden_tokens = sum(item.num_tokens for item in output.scheduled if item.hidden)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.request import SamplingParams
+from ..engine.iteration_stats import IterationLog
 from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,12 @@ class EngineLoop:
         on_stats: Callable[[EngineStats], None] | None = None,
         stats_period_s: float = 0.1,
         on_failure: Callable[[str], None] | None = None,
+        iteration_stats_path: str | None = None,
     ) -> None:
+        """``iteration_stats_path``: append one JSON line per engine iteration there
+        (``engine/iteration_stats.py``)."""
         self.engine = engine
+        self._iteration_log = IterationLog(iteration_stats_path) if iteration_stats_path else None
         self._on_failure = on_failure
         self._failure: str | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -133,6 +138,10 @@ class EngineLoop:
                     continue
                 for output in outputs:
                     self._deliver(output)
+                if self._iteration_log is not None and self.engine.last_iteration is not None:
+                    self._iteration_log.write(self.engine.last_iteration)
+                    if not self.engine.has_unfinished_requests():
+                        self._iteration_log.flush()
             # Publish at most every stats period while busy, and once more on going idle.
             idle = not self.engine.has_unfinished_requests()
             due = idle or now - last_stats >= self._stats_period_s
@@ -140,6 +149,8 @@ class EngineLoop:
                 self._on_stats(self.engine.get_stats())
                 last_stats, stats_dirty = now, not idle
         self._fail_all("the model is shutting down")
+        if self._iteration_log is not None:
+            self._iteration_log.close()
 
     def _drain_inbox(self, block: bool) -> None:
         try:

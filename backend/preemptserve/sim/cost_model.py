@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from ..core.scheduler import SchedulerOutput
+from ..core.scheduler.output import BatchShape, batch_shape
+
+__all__ = ["COEFFICIENTS", "BatchShape", "IterationCostModel", "batch_shape", "load_profile"]
 
 COEFFICIENTS = (
     "fixed_s",
@@ -38,41 +40,6 @@ COEFFICIENTS = (
     "per_prefill_attention_s",
     "per_sampled_token_s",
 )
-
-
-class BatchShape(NamedTuple):
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0
-    decode_context_tokens: int = 0
-    prefill_attention_tokens: int = 0  # sum over prefill chunks of chunk tokens x context
-    num_sampled_tokens: int = 0
-
-    def features(self) -> tuple[float, ...]:
-        """The regressors, in the order of ``COEFFICIENTS``."""
-        return (
-            1.0,
-            self.num_prefill_tokens,
-            self.num_decode_tokens,
-            self.decode_context_tokens,
-            self.prefill_attention_tokens,
-            self.num_sampled_tokens,
-        )
-
-
-def batch_shape(output: SchedulerOutput) -> BatchShape:
-    """The shape of one planned iteration."""
-    prefill = decode = decode_ctx = prefill_attn = sampled = 0
-    for item in output.scheduled:
-        n = len(item.token_ids)
-        context = item.start_position + n
-        if n == 1 and item.start_position > 0:
-            decode += 1
-            decode_ctx += context
-        else:
-            prefill += n
-            prefill_attn += n * context
-        sampled += item.sample
-    return BatchShape(prefill, decode, decode_ctx, prefill_attn, sampled)
 
 
 @dataclass(frozen=True)
@@ -99,6 +66,9 @@ class IterationCostModel:
     # probabilities from 0 to 1) of measured / modelled time over the profiling steps. When
     # set, the simulator multiplies each iteration by a draw from this distribution (seeded).
     noise_quantiles: tuple[float, ...] = ()
+    # Lag-1 autocorrelation of that noise (a Gaussian copula: slow iterations come in
+    # runs on a shared machine), from the server's iterations; 0: independent draws.
+    noise_autocorrelation: float = 0.0
     # Provenance: the command, machine and date, or the publication and derivation.
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -112,6 +82,8 @@ class IterationCostModel:
             raise ValueError(f"cost model coefficients must be >= 0: {negative}")
         if self.swap_bytes_per_s <= 0:
             raise ValueError("swap_bytes_per_s must be positive")
+        if not 0.0 <= self.noise_autocorrelation < 1.0:
+            raise ValueError("noise_autocorrelation must be in [0, 1)")
 
     def iteration_time_s(self, shape: BatchShape) -> float:
         return (

@@ -3,15 +3,25 @@
 Least squares on relative error (each row weighted by 1 / measured time, so a 5 ms decode
 step counts as much as a 500 ms prefill), with non-negative coefficients: a coefficient
 that comes out negative is fixed at zero and the rest refitted, until none is negative.
+
+The samples come from the engine timed in process (``bench/profile.py``) or from a
+server's own iterations (``iteration_stats_path``): ``fit_served_iterations`` turns the
+loop periods of those records into samples, and their spread into the simulator's noise.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cost_model import COEFFICIENTS, BatchShape
+from .cost_model import COEFFICIENTS, BatchShape, IterationCostModel
+
+if TYPE_CHECKING:  # plain records; importing them at run time is not needed
+    from ..engine.iteration_stats import IterationStats
 
 
 def fit_iteration_coefficients(
@@ -56,3 +66,74 @@ def fit_swap(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     if slope <= 0:
         raise ValueError("swap time does not grow with size; cannot fit a bandwidth")
     return max(0.0, float(intercept)), float(1.0 / slope)
+
+
+def iteration_periods(records: Sequence[IterationStats]) -> list[tuple[IterationStats, float]]:
+    """``(record, seconds)``: each non-empty iteration's loop period, from its start to the
+    next one's, where the loop went straight on (requests were left, so it did not wait for
+    an arrival). The period is what the simulator's iteration stands for: the step, plus
+    handing the outputs to the sender thread and draining the inbox, on cores shared with
+    Triton, the response thread and the client."""
+    periods = []
+    for current, following in itertools.pairwise(records):
+        if (current.num_unfinished and current.num_scheduled
+                and following.iteration == current.iteration + 1):
+            periods.append((current, following.start_s - current.start_s))
+    return periods
+
+
+def fit_served_iterations(
+    model: IterationCostModel, records: Sequence[IterationStats], block_bytes: int
+) -> tuple[IterationCostModel, dict[str, Any]]:
+    """The iteration coefficients, spread and autocorrelation fitted to a server's own
+    iterations (``iteration_stats_path``). Swap copies and hidden-state recomputes are
+    taken off each period with the in-process measurements of ``model``; what is left is
+    fitted to the batch shape as in process."""
+    samples = []
+    for record, period in iteration_periods(records):
+        extra = (
+            model.swap_fixed_s * (record.num_swap_outs + record.num_swap_ins)
+            + (record.swap_out_blocks + record.swap_in_blocks) * block_bytes
+            / model.swap_bytes_per_s
+            + (model.hidden_recompute_s_per_block or 0.0) * record.hidden_recompute_blocks
+        )
+        if period - extra > 0:
+            samples.append((record.shape, period - extra))
+    if len(samples) < 50:
+        raise RuntimeError(f"only {len(samples)} usable server iterations to fit")
+    coefficients = fit_iteration_coefficients(samples)
+    fitted = model.with_coefficients(**coefficients)
+    ratios = np.array([t / fitted.iteration_time_s(shape) for shape, t in samples])
+    fitted = fitted.with_coefficients(
+        noise_quantiles=tuple(float(q) for q in np.quantile(ratios, np.linspace(0, 1, 41))),
+        noise_autocorrelation=noise_autocorrelation(ratios),
+    )
+    errors = 1 / ratios - 1
+    facts = {
+        "num_iterations": len(records),
+        "num_fitted_periods": len(samples),
+        "coefficients": coefficients,
+        "measured_over_model": {
+            "mean": float(ratios.mean()),
+            "p50": float(np.median(ratios)),
+            "p99": float(np.percentile(ratios, 99)),
+        },
+        "period_fit_relative_error": {
+            "median_abs": float(np.median(np.abs(errors))),
+            "p90_abs": float(np.percentile(np.abs(errors), 90)),
+        },
+        "noise_autocorrelation": fitted.noise_autocorrelation,
+    }
+    return fitted, facts
+
+
+def noise_autocorrelation(ratios: np.ndarray) -> float:
+    """Lag-1 autocorrelation of the normal scores of successive measured/modelled ratios
+    (the Gaussian copula the simulator draws its correlated noise from), clipped to [0, 1)."""
+    if len(ratios) < 3:
+        return 0.0
+    ranks = np.argsort(np.argsort(ratios))
+    normal = NormalDist()
+    scores = np.array([normal.inv_cdf((r + 0.5) / len(ratios)) for r in ranks])
+    rho = float(np.corrcoef(scores[:-1], scores[1:])[0, 1])
+    return min(max(rho, 0.0), 0.99)

@@ -17,11 +17,13 @@ after its arrival. Any registered policy runs unchanged; policies that declare
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 from ..bench.metrics import SLO, RequestTimeline
@@ -29,7 +31,7 @@ from ..config import SchedulerConfig, serving_config_from_parameters
 from ..core.block_manager import BlockManager
 from ..core.request import Request, SamplingParams
 from ..core.scheduler import create_scheduler, policy_class
-from ..core.scheduler.output import SchedulerOutput
+from ..core.scheduler.output import SchedulerOutput, hidden_recompute_blocks
 from .cost_model import IterationCostModel, batch_shape
 from .events import EventKind, EventQueue
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 # The simulated model samples this id; with no end_id a request ends at max_tokens.
 _TOKEN_ID = 0
 _MAX_EMPTY_ITERATIONS = 10_000
+_NORMAL = NormalDist()
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class Simulator:
         self.slo = slo
         self.now_s = 0.0
         self._noise = random.Random(config.noise_seed)
+        self._noise_z: float | None = None  # the copula's state (first draw: stationary)
         self.block_manager = BlockManager(
             config.num_blocks,
             config.block_size,
@@ -263,18 +267,27 @@ class Simulator:
             return
         by_id[request.request_id] = tracked[spec.index]  # positions: see run()
 
+    def _next_noise_probability(self) -> float:
+        """The next iteration's noise draw in [0, 1): independent, or the AR(1) Gaussian
+        copula ``z' = rho z + sqrt(1 - rho^2) e`` of the measured autocorrelation."""
+        rho = self.cost_model.noise_autocorrelation
+        if not rho:
+            return self._noise.random()
+        e = self._noise.gauss()
+        self._noise_z = e if self._noise_z is None else (
+            rho * self._noise_z + math.sqrt(1 - rho * rho) * e)
+        return min(_NORMAL.cdf(self._noise_z), 1.0 - 1e-12)
+
     def _iteration_time_s(self, output: SchedulerOutput) -> tuple[float, float]:
         """(iteration time, of which swaps) for one planned iteration."""
         cost = self.cost_model
         compute_s = cost.iteration_time_s(batch_shape(output))
         if cost.hidden_recompute_s_per_block:
             # Hidden-mode items past their first chunk recompute K/V of their context.
-            block_size = self.config.block_size
-            compute_s += cost.hidden_recompute_s_per_block * sum(
-                -(-item.context_len // block_size) for item in output.scheduled
-                if item.hidden and item.start_position > 0)
+            compute_s += cost.hidden_recompute_s_per_block * hidden_recompute_blocks(
+                output, self.config.block_size)
         if cost.noise_quantiles and not output.is_empty:
-            compute_s *= cost.noise_factor(self._noise.random())
+            compute_s *= cost.noise_factor(self._next_noise_probability())
         block_bytes = self.config.block_bytes
         if cost.swap_overlaps_compute:
             # Only blocking swap-outs and swap-ins of scheduled requests hold the forward.

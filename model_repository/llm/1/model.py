@@ -52,6 +52,7 @@ class TritonPythonModel:
             cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
             on_stats=self.metrics.update,
             on_failure=self._on_engine_failure,
+            iteration_stats_path=self.config.iteration_stats_path or None,
         )
         self.loop.start()
         self.logger.log_info(

@@ -75,3 +75,51 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+class BatchShape(NamedTuple):
+    """What one iteration's time depends on: the simulator's regressors and the
+    iteration-stats log's batch fields."""
+
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    decode_context_tokens: int = 0
+    prefill_attention_tokens: int = 0  # sum over prefill chunks of chunk tokens x context
+    num_sampled_tokens: int = 0
+
+    def features(self) -> tuple[float, ...]:
+        """The regressors of ``sim.cost_model``, in the order of its ``COEFFICIENTS``."""
+        return (
+            1.0,
+            self.num_prefill_tokens,
+            self.num_decode_tokens,
+            self.decode_context_tokens,
+            self.prefill_attention_tokens,
+            self.num_sampled_tokens,
+        )
+
+
+def batch_shape(output: SchedulerOutput) -> BatchShape:
+    """The shape of one planned iteration (what its time depends on)."""
+    prefill = decode = decode_ctx = prefill_attn = sampled = 0
+    for item in output.scheduled:
+        n = len(item.token_ids)
+        context = item.start_position + n
+        if n == 1 and item.start_position > 0:
+            decode += 1
+            decode_ctx += context
+        else:
+            prefill += n
+            prefill_attn += n * context
+        sampled += item.sample
+    return BatchShape(prefill, decode, decode_ctx, prefill_attn, sampled)
+
+
+def hidden_recompute_blocks(output: SchedulerOutput, block_size: int) -> int:
+    """KV-sized blocks of context whose K/V this iteration recomputes from hidden states
+    (hidden-mode items past their first chunk)."""
+    return sum(
+        -(-item.context_len // block_size)
+        for item in output.scheduled
+        if item.hidden and item.start_position > 0
+    )

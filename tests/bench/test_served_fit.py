@@ -1,0 +1,131 @@
+"""Fitting the cost model to a server's iteration log (``iteration_stats_path`` records)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from preemptserve.core.scheduler.output import (
+    BatchShape,
+    BlockSwap,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from preemptserve.engine.iteration_stats import IterationLog, IterationStats, read_iteration_log
+from preemptserve.sim.cost_model import IterationCostModel
+from preemptserve.sim.fit import fit_served_iterations, iteration_periods, noise_autocorrelation
+from preemptserve.sim.simulator import SimConfig, Simulator
+
+TRUTH = IterationCostModel(
+    fixed_s=0.008,
+    per_prefill_token_s=2e-4,
+    per_decode_token_s=6e-4,
+    per_decode_context_token_s=2e-6,
+    per_sampled_token_s=3e-4,
+    swap_fixed_s=0.001,
+    swap_bytes_per_s=1e9,
+    kv_bytes_per_token=1000,
+)
+BLOCK_BYTES = 16 * 1000
+
+
+def record(i: int, start_s: float, shape: BatchShape, unfinished: int = 5,
+           swap_blocks: int = 0) -> IterationStats:
+    return IterationStats(
+        iteration=i, timestamp=0.0, start_s=start_s, step_s=0.0, num_scheduled=1,
+        **shape._asdict(), hidden_recompute_blocks=0, num_preemptions=0,
+        num_swap_outs=1 if swap_blocks else 0, num_swap_ins=0,
+        swap_out_blocks=swap_blocks, swap_in_blocks=0, num_unfinished=unfinished,
+        num_waiting=0, num_running=1, num_preempted=0, num_blocks_used=0,
+        num_host_blocks_used=0)
+
+
+def served_log(n: int, rho: float, sigma: float = 0.1, seed: int = 0) -> list[IterationStats]:
+    """Iterations whose periods are TRUTH x lognormal AR(1) noise, with swaps and idles."""
+    rng = np.random.default_rng(seed)
+    records, t, z = [], 0.0, 0.0
+    for i in range(n):
+        decodes = int(rng.integers(0, 24))
+        prefill = int(rng.integers(0, 300)) if rng.random() < 0.3 or not decodes else 0
+        shape = BatchShape(prefill, decodes, decodes * int(rng.integers(16, 400)), 0,
+                           decodes + (prefill > 0))
+        swap_blocks = int(rng.integers(1, 8)) if rng.random() < 0.1 else 0
+        idle = rng.random() < 0.05
+        records.append(record(i, t, shape, unfinished=0 if idle else 5, swap_blocks=swap_blocks))
+        z = rho * z + np.sqrt(1 - rho**2) * rng.normal()
+        period = TRUTH.iteration_time_s(shape) * np.exp(sigma * z)
+        period += TRUTH.swap_time_s(swap_blocks * BLOCK_BYTES) if swap_blocks else 0.0
+        t += period + (5.0 if idle else 0.0)  # an idle engine waits for its next arrival
+    return records
+
+
+def test_periods_skip_idle_gaps_and_missing_iterations() -> None:
+    shape = BatchShape(0, 1, 20, 0, 1)
+    records = [record(0, 0.0, shape), record(1, 0.02, shape, unfinished=0),
+               record(2, 9.0, shape), record(4, 9.5, shape), record(5, 9.53, shape)]
+    periods = iteration_periods(records)
+    assert [(r.iteration, round(p, 6)) for r, p in periods] == [(0, 0.02), (4, 0.03)]
+
+
+def test_the_fit_recovers_coefficients_spread_and_autocorrelation() -> None:
+    start = dataclasses.replace(TRUTH, fixed_s=0.0, per_prefill_token_s=0.0,
+                                per_decode_token_s=0.0, per_decode_context_token_s=0.0,
+                                per_sampled_token_s=0.0)
+    fitted, facts = fit_served_iterations(start, served_log(4000, rho=0.7), BLOCK_BYTES)
+    for name in ("fixed_s", "per_prefill_token_s", "per_decode_context_token_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=0.15), name
+    # per-decode and per-sampled are nearly collinear; their sum is what the data fixes
+    assert fitted.per_decode_token_s + fitted.per_sampled_token_s == pytest.approx(
+        TRUTH.per_decode_token_s + TRUTH.per_sampled_token_s, rel=0.1)
+    assert fitted.noise_autocorrelation == pytest.approx(0.7, abs=0.08)
+    q = fitted.noise_quantiles
+    assert q[20] == pytest.approx(1.0, abs=0.03)  # the median period is the model's
+    assert q[36] == pytest.approx(np.exp(0.1 * NormalDist().inv_cdf(0.9)), rel=0.05)
+    assert facts["num_fitted_periods"] < 4000  # idle gaps left out
+    independent, _ = fit_served_iterations(start, served_log(4000, rho=0.0), BLOCK_BYTES)
+    assert independent.noise_autocorrelation < 0.1
+
+
+def test_autocorrelation_is_clipped_to_zero_and_below_one() -> None:
+    alternating = np.array([1.0, 2.0] * 50)
+    assert noise_autocorrelation(alternating) == 0.0
+    assert noise_autocorrelation(np.arange(100.0)) == pytest.approx(0.99)
+
+
+def test_correlated_noise_draws_keep_their_marginal_and_correlate() -> None:
+    model = TRUTH.with_coefficients(noise_quantiles=(0.5, 1.0, 2.0), noise_autocorrelation=0.8)
+    config = SimConfig.from_parameters({"kv_cache_bytes": str(64 * BLOCK_BYTES)}, model)
+    sim = Simulator(config, model, workload=None)
+    u = np.array([sim._next_noise_probability() for _ in range(20_000)])
+    assert ((0 <= u) & (u < 1)).all()
+    assert np.mean(u < 0.25) == pytest.approx(0.25, abs=0.03)  # uniform marginal
+    z = np.array([NormalDist().inv_cdf(x) for x in u])
+    assert np.corrcoef(z[:-1], z[1:])[0, 1] == pytest.approx(0.8, abs=0.03)
+    with pytest.raises(ValueError, match="autocorrelation"):
+        TRUTH.with_coefficients(noise_autocorrelation=1.0)
+
+
+def test_records_round_trip_through_the_log(tmp_path) -> None:
+    plan = SchedulerOutput(
+        3,
+        (ScheduledRequest("a", (5,) * 10, 0, (0,), True),
+         ScheduledRequest("b", (7,), 40, (1, 2, 3), True, hidden=True)),
+        preempted_ids=("c",),
+        swap_out=(BlockSwap("c", ((4, 0), (5, 1)), blocking=True),),
+    )
+    stats = IterationStats.of_step(3, plan, 1.0, 2.0, 0.05, 16, num_unfinished=3,
+                                   num_waiting=1, num_running=2, num_preempted=1,
+                                   num_blocks_used=9, num_host_blocks_used=2)
+    assert stats.shape == BatchShape(10, 1, 41, 100, 2)
+    assert (stats.hidden_recompute_blocks, stats.num_preemptions) == (3, 1)
+    assert (stats.num_swap_outs, stats.swap_out_blocks, stats.swap_in_blocks) == (1, 2, 0)
+    log = IterationLog(tmp_path / "sub" / "it.jsonl")
+    log.write(stats)
+    log.write(dataclasses.replace(stats, iteration=4))
+    log.close()
+    assert [r.iteration for r in read_iteration_log(tmp_path / "sub" / "it.jsonl")] == [3, 4]
+    assert json.loads((tmp_path / "sub" / "it.jsonl").read_text().splitlines()[0])["step_s"] == 0.05
