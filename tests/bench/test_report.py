@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from preemptserve.bench.metrics import SLO, RequestTimeline, summarize
 from preemptserve.bench.report import (
     finish_result,
@@ -74,3 +76,21 @@ def test_plots_are_written(tmp_path: Path) -> None:
     sweep = plot_sweep(points, tmp_path / "sweep.png")
     for path in (cdf, sweep):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_rows_average_repeats_and_seeds_and_show_ranges() -> None:
+    from preemptserve.bench.commands import fidelity_row
+    from preemptserve.bench.report import fidelity_table
+
+    def summary(mean_jct: float, p99_jct: float) -> dict:
+        return {"jct_s": {"mean": mean_jct, "p99": p99_jct}, "ttft_s": {"mean": 0.1}}
+
+    row = fidelity_row("fcfs", [summary(2.0, 5.0), summary(4.0, 7.0)],
+                       [summary(3.3, 5.4), summary(3.0, 6.6), summary(2.7, 6.0)])
+    assert row["server_mean_jct_s"] == 3.0 and row["sim_mean_jct_s"] == pytest.approx(3.0)
+    assert row["mean_jct_error"] == pytest.approx(0.0, abs=1e-12)
+    assert row["p99_jct_error"] == pytest.approx(6.0 / 6.0 - 1, abs=1e-12)
+    assert row["server_p99_jct_range_s"] == [5.0, 7.0]
+    assert row["sim_mean_jct_range_s"] == [2.7, 3.3]
+    text = fidelity_table([row])
+    assert "3.000 (2.000-4.000)" in text and "(2.700-3.300)" in text

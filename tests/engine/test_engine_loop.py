@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import defaultdict
 
@@ -113,4 +114,4 @@ def test_iteration_stats_log_has_one_line_per_step(engine, tmp_path):
     assert sum(r.num_decode_tokens for r in records) == 9 - 2
     assert records[-1].num_unfinished == 0 and records[0].num_prefill_tokens > 0
     assert all(r.step_s > 0 for r in records)
-    assert all(b.start_s >= a.start_s + a.step_s for a, b in zip(records, records[1:]))
+    assert all(b.start_s >= a.start_s + a.step_s for a, b in itertools.pairwise(records))

@@ -160,6 +160,10 @@ def parser() -> argparse.ArgumentParser:
     add_server_arguments(fid)
     add_report_arguments(fid, "fidelity")
     fid.add_argument("--profile", required=True)
+    fid.add_argument("--repeats", type=int, default=1,
+                     help="server runs per policy (the server's statistics are averaged)")
+    fid.add_argument("--sim-seeds", type=int, default=5,
+                     help="simulations per policy, one per noise seed (averaged)")
 
     sweep = sub.add_parser("sweep", help="SLO attainment against the arrival rate")
     add_workload_arguments(sweep)

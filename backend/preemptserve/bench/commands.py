@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -11,8 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import serving_config_from_parameters
+from ..engine.iteration_stats import read_log_when_idle
 from ..sim.cost_model import IterationCostModel, load_profile
+from ..sim.fit import served_over_modelled
 from ..sim.simulator import SimConfig, Simulator
 from .metrics import SLO, RequestTimeline, effective_throughput, relative_error, summarize
 from .report import finish_result, markdown, new_result, plot_cdfs, plot_sweep, save_json
@@ -127,10 +132,12 @@ def run_in_sim(
     cost_model: IterationCostModel,
     slo: SLO | None,
     label: str,
+    noise_seed: int = 0,
 ) -> tuple[list[RequestTimeline], dict[str, Any]]:
     config = SimConfig.from_parameters(
         parameters_for(args, policy), cost_model, getattr(args, "check_invariants", False)
     )
+    config = dataclasses.replace(config, noise_seed=noise_seed)
     bar = _progress(len(workload), label, getattr(args, "no_progress", False))
     result = Simulator(config, cost_model, workload, slo).run(on_finish=bar.update)
     bar.close()
@@ -247,6 +254,25 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+FIDELITY_STATS = (("mean_jct", "jct_s", "mean"), ("p99_jct", "jct_s", "p99"),
+                  ("mean_ttft", "ttft_s", "mean"))
+
+
+def fidelity_row(policy: str, server: list[dict], sim: list[dict]) -> dict[str, Any]:
+    """Server against simulator for one policy: each statistic averaged over the server's
+    repeats and over the simulator's noise seeds, with the range of each side."""
+    row: dict[str, Any] = {"policy": policy, "server_runs": len(server), "sim_runs": len(sim)}
+    for key, metric, stat in FIDELITY_STATS:
+        measured = [s[metric][stat] for s in server]
+        predicted = [s[metric][stat] for s in sim]
+        row[f"server_{key}_s"] = float(np.mean(measured))
+        row[f"sim_{key}_s"] = float(np.mean(predicted))
+        row[f"server_{key}_range_s"] = [min(measured), max(measured)]
+        row[f"sim_{key}_range_s"] = [min(predicted), max(predicted)]
+        row[f"{key}_error"] = relative_error(row[f"sim_{key}_s"], row[f"server_{key}_s"])
+    return row
+
+
 def fidelity(args: argparse.Namespace) -> int:
     workload, slo = build_workload(args), slo_of(args)
     cost_model = load_profile(args.profile)
@@ -260,31 +286,43 @@ def fidelity(args: argparse.Namespace) -> int:
             "param": args.param,
             "policy_param": args.policy_param,
             "server_threads": args.server_threads,
+            "repeats": args.repeats,
+            "sim_seeds": args.sim_seeds,
         },
         runs={},
         fidelity=[],
     )
     cdfs: dict[str, list[RequestTimeline]] = {}
+    # Each server logs its iterations: the report compares them with the cost model.
+    logdir = Path(tempfile.mkdtemp(prefix="preemptserve-fidelity-"))
+    args.policy_param = [*args.policy_param, *(
+        f"{policy}:iteration_stats_path={logdir / policy}.jsonl" for policy in args.policies)]
 
     def body(policy: str, server: Any) -> None:
-        # Side by side: the simulation runs right after the server run of the same policy.
-        real, result["runs"][f"{policy} server"] = run_on_server(
-            args, server, workload, prompts, policy, slo, f"{policy} server"
-        )
-        simulated, result["runs"][f"{policy} sim"] = run_in_sim(
-            args, workload, policy, cost_model, slo, f"{policy} sim"
-        )
-        cdfs[f"{policy} server"], cdfs[f"{policy} sim"] = real, simulated
-        s = result["runs"][f"{policy} server"]["summary"]
-        p = result["runs"][f"{policy} sim"]["summary"]
-        row: dict[str, Any] = {"policy": policy}
-        for key, metric, stat in (
-            ("mean_jct", "jct_s", "mean"),
-            ("p99_jct", "jct_s", "p99"),
-            ("mean_ttft", "ttft_s", "mean"),
-        ):
-            row[f"server_{key}_s"], row[f"sim_{key}_s"] = s[metric][stat], p[metric][stat]
-            row[f"{key}_error"] = relative_error(p[metric][stat], s[metric][stat])
+        # Side by side: the simulations run right after the server runs of the same policy.
+        served, simulated = [], []
+        for repeat in range(args.repeats):
+            label = f"{policy} server" + (f" #{repeat + 1}" if args.repeats > 1 else "")
+            real, result["runs"][label] = run_on_server(
+                args, server, workload, prompts, policy, slo, label
+            )
+            served.append(result["runs"][label]["summary"])
+            if repeat == 0:
+                cdfs[f"{policy} server"] = real
+        for seed in range(args.sim_seeds):
+            label = f"{policy} sim" + (f" seed {seed}" if args.sim_seeds > 1 else "")
+            timelines, run = run_in_sim(
+                args, workload, policy, cost_model, slo, label, noise_seed=seed
+            )
+            simulated.append(run["summary"])
+            if seed == 0:
+                cdfs[f"{policy} sim"] = timelines
+                result["runs"][label] = run
+        row = fidelity_row(policy, served, simulated)
+        config = SimConfig.from_parameters(parameters_for(args, policy), cost_model)
+        records = read_log_when_idle(logdir / f"{policy}.jsonl")
+        row["served_over_modelled_iterations"] = served_over_modelled(
+            cost_model, records, config.block_bytes)
         result["fidelity"].append(row)
         logger.info(
             "%s: mean JCT error %+.1f%%, P99 JCT error %+.1f%%",
@@ -295,6 +333,7 @@ def fidelity(args: argparse.Namespace) -> int:
 
     result["server_errors"] = {}
     _with_servers(args, body, result["server_errors"])
+    shutil.rmtree(logdir, ignore_errors=True)
     _write(result, args.out, cdfs)
     return 0
 
@@ -371,8 +410,9 @@ def profile(args: argparse.Namespace) -> int:
     source: dict[str, Any] = new_result("profile", engine=facts)
     if args.server:
         prompts = PromptBuilder()
-        logdir = Path(tempfile.mkdtemp(prefix="preemptserve-profile-"))
-        iteration_log = logdir / "iterations.jsonl"
+        iteration_log = args.out.with_name(args.out.stem + "-iterations.jsonl")
+        iteration_log.parent.mkdir(parents=True, exist_ok=True)
+        iteration_log.unlink(missing_ok=True)
         args.param = [*args.param, f"iteration_stats_path={iteration_log}"]
         block_size = serving_config_from_parameters(params).engine.cache.block_size
         block_bytes = model.kv_bytes_per_token * block_size
@@ -385,7 +425,7 @@ def profile(args: argparse.Namespace) -> int:
 
         args.policies = ["fcfs"]
         _with_servers(args, body)
-        shutil.rmtree(logdir, ignore_errors=True)
+        source["serving"]["iteration_log"] = str(iteration_log)
     finish_result(source)
     source["elapsed_s"] = time.time() - started
     path = save_profile(model, args.out, source)

@@ -31,7 +31,7 @@ import torch
 from ..config import serving_config_from_parameters
 from ..core.request import SamplingParams
 from ..core.scheduler import BlockSwap, SchedulerOutput
-from ..engine.iteration_stats import read_iteration_log
+from ..engine.iteration_stats import read_iteration_log, read_log_when_idle
 from ..engine.llm_engine import LLMEngine
 from ..engine.profiling import measure_hidden_recompute_cost
 from ..sim.cost_model import BatchShape, IterationCostModel, batch_shape
@@ -246,11 +246,7 @@ def profile_serving(
         workloads.append(synthetic(kind, num_requests, rate, seed=seed,
                                    length_scale=length_scale, max_context_tokens=max_context))
         run(workloads[-1])
-    deadline = time.monotonic() + 10
-    records = list(read_iteration_log(iteration_log))[skip:]
-    while records and records[-1].num_unfinished and time.monotonic() < deadline:
-        time.sleep(0.2)  # the log is flushed when the engine goes idle
-        records = list(read_iteration_log(iteration_log))[skip:]
+    records = read_log_when_idle(iteration_log)[skip:]
     fitted, facts = fit_served_iterations(model, records, block_bytes)
     residuals = [ttft - fitted.prefill_time_s(n) for n, ttft in lone_ttfts]
     request_latency_s = max(0.0, float(np.median(residuals)))

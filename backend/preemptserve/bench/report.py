@@ -138,31 +138,33 @@ def runs_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def fidelity_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    headers = [
-        "policy",
-        "server mean JCT s",
-        "sim mean JCT s",
-        "error",
-        "server P99 JCT s",
-        "sim P99 JCT s",
-        "error",
-        "server mean TTFT s",
-        "sim mean TTFT s",
-        "error",
-    ]
+    """Means over the server's repeats and the simulator's seeds (ranges when several)."""
+
+    def cell(row: Mapping[str, Any], side: str, key: str) -> str:
+        text = _s(row[f"{side}_{key}_s"])
+        low_high = row.get(f"{side}_{key}_range_s")
+        if low_high and row.get(f"{side}_runs", 1) > 1:
+            text += f" ({_s(low_high[0])}-{_s(low_high[1])})"
+        return text
+
+    def served_over_modelled(row: Mapping[str, Any]) -> str:
+        ratio = (row.get("served_over_modelled_iterations") or {}).get("total")
+        return "" if ratio is None else f"{ratio:.3f}"
+
+    headers = ["policy"]
+    for name in ("mean JCT s", "P99 JCT s", "mean TTFT s"):
+        headers += [f"server {name}", f"sim {name}", "error"]
+    headers.append("server iteration time / model")
     body = [
-        [
-            r["policy"],
-            _s(r["server_mean_jct_s"]),
-            _s(r["sim_mean_jct_s"]),
-            f"{100 * r['mean_jct_error']:+.1f}%",
-            _s(r["server_p99_jct_s"]),
-            _s(r["sim_p99_jct_s"]),
-            f"{100 * r['p99_jct_error']:+.1f}%",
-            _s(r["server_mean_ttft_s"]),
-            _s(r["sim_mean_ttft_s"]),
-            f"{100 * r['mean_ttft_error']:+.1f}%",
+        [r["policy"]]
+        + [
+            x
+            for key in ("mean_jct", "p99_jct", "mean_ttft")
+            for x in (
+                cell(r, "server", key), cell(r, "sim", key), f"{100 * r[f'{key}_error']:+.1f}%"
+            )
         ]
+        + [served_over_modelled(r)]
         for r in rows
     ]
     return table(headers, body)

@@ -10,6 +10,7 @@ iterations. Plain data, no torch.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,3 +117,15 @@ def read_iteration_log(path: str | Path) -> Iterator[IterationStats]:
             if line.strip():
                 record: dict[str, Any] = json.loads(line)
                 yield IterationStats(**record)
+
+
+def read_log_when_idle(path: str | Path, timeout_s: float = 10.0) -> list[IterationStats]:
+    """A live server's log once its last record shows an idle engine (the log is flushed
+    when the engine goes idle); what is there after ``timeout_s`` otherwise."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(read_iteration_log(path)) if path.exists() else []
+        if (records and not records[-1].num_unfinished) or time.monotonic() >= deadline:
+            return records
+        time.sleep(0.2)

@@ -91,12 +91,7 @@ def fit_served_iterations(
     fitted to the batch shape as in process."""
     samples = []
     for record, period in iteration_periods(records):
-        extra = (
-            model.swap_fixed_s * (record.num_swap_outs + record.num_swap_ins)
-            + (record.swap_out_blocks + record.swap_in_blocks) * block_bytes
-            / model.swap_bytes_per_s
-            + (model.hidden_recompute_s_per_block or 0.0) * record.hidden_recompute_blocks
-        )
+        extra = _swap_and_recompute_s(model, record, block_bytes)
         if period - extra > 0:
             samples.append((record.shape, period - extra))
     if len(samples) < 50:
@@ -125,6 +120,41 @@ def fit_served_iterations(
         "noise_autocorrelation": fitted.noise_autocorrelation,
     }
     return fitted, facts
+
+
+def _swap_and_recompute_s(
+    model: IterationCostModel, record: IterationStats, block_bytes: int
+) -> float:
+    """What the simulator adds to an iteration's batch-shape time for its swaps (copied
+    synchronously, as on a CPU) and its hidden-state recomputes."""
+    return (
+        model.swap_fixed_s * (record.num_swap_outs + record.num_swap_ins)
+        + (record.swap_out_blocks + record.swap_in_blocks) * block_bytes / model.swap_bytes_per_s
+        + (model.hidden_recompute_s_per_block or 0.0) * record.hidden_recompute_blocks
+    )
+
+
+def served_over_modelled(
+    model: IterationCostModel, records: Sequence[IterationStats], block_bytes: int
+) -> dict[str, Any]:
+    """How a server's iterations compare with the cost model (noise left out): the ratio
+    of their total measured period to the modelled one, overall and by batch size. This
+    is a diagnosis of a run, never an input to a prediction."""
+    by_size: dict[str, list[float]] = {}
+    measured = modelled = 0.0
+    for record, period in iteration_periods(records):
+        predicted = model.iteration_time_s(record.shape) + _swap_and_recompute_s(
+            model, record, block_bytes)
+        measured, modelled = measured + period, modelled + predicted
+        size = record.num_scheduled
+        bucket = "1" if size == 1 else "2-4" if size <= 4 else "5-16" if size <= 16 else "17+"
+        sums = by_size.setdefault(bucket, [0.0, 0.0, 0])
+        sums[0], sums[1], sums[2] = sums[0] + period, sums[1] + predicted, sums[2] + 1
+    return {
+        "total": measured / modelled if modelled else None,
+        "by_batch_size": {k: {"ratio": m / p, "iterations": n}
+                          for k, (m, p, n) in sorted(by_size.items())},
+    }
 
 
 def noise_autocorrelation(ratios: np.ndarray) -> float:
