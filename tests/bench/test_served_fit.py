@@ -17,7 +17,12 @@ from preemptserve.core.scheduler.output import (
 )
 from preemptserve.engine.iteration_stats import IterationLog, IterationStats, read_iteration_log
 from preemptserve.sim.cost_model import IterationCostModel
-from preemptserve.sim.fit import fit_served_iterations, iteration_periods, noise_autocorrelation
+from preemptserve.sim.fit import (
+    autocorrelation,
+    fit_served_iterations,
+    iteration_periods,
+    noise_block_length,
+)
 from preemptserve.sim.simulator import SimConfig, Simulator
 
 TRUTH = IterationCostModel(
@@ -81,32 +86,43 @@ def test_the_fit_recovers_coefficients_spread_and_autocorrelation() -> None:
     # per-decode and per-sampled are nearly collinear; their sum is what the data fixes
     assert fitted.per_decode_token_s + fitted.per_sampled_token_s == pytest.approx(
         TRUTH.per_decode_token_s + TRUTH.per_sampled_token_s, rel=0.1)
-    assert fitted.noise_autocorrelation == pytest.approx(0.7, abs=0.08)
+    assert facts["noise_autocorrelation"]["1"] == pytest.approx(0.7, abs=0.08)
+    # the trace is the measured/modelled ratios in order; blocks keep its runs:
+    # 0.7 ** lag falls below 0.05 at lag 9
+    assert len(fitted.noise_trace) == facts["num_fitted_periods"]
+    assert 14 <= fitted.noise_block_iterations <= 24
     q = fitted.noise_quantiles
     assert q[20] == pytest.approx(1.0, abs=0.03)  # the median period is the model's
     assert q[36] == pytest.approx(np.exp(0.1 * NormalDist().inv_cdf(0.9)), rel=0.05)
     assert facts["num_fitted_periods"] < 4000  # idle gaps left out
     independent, _ = fit_served_iterations(start, served_log(4000, rho=0.0), BLOCK_BYTES)
-    assert independent.noise_autocorrelation < 0.1
+    assert independent.noise_block_iterations == 2
 
 
-def test_autocorrelation_is_clipped_to_zero_and_below_one() -> None:
+def test_block_length_and_autocorrelation_edge_cases() -> None:
     alternating = np.array([1.0, 2.0] * 50)
-    assert noise_autocorrelation(alternating) == 0.0
-    assert noise_autocorrelation(np.arange(100.0)) == pytest.approx(0.99)
+    assert autocorrelation(alternating, 1) == pytest.approx(-1.0, abs=0.02)
+    assert noise_block_length(alternating) == 2
+    assert autocorrelation(np.ones(10), 1) == 0.0
+    trend = np.exp(np.linspace(0, 1, 200))  # never decorrelates: a tenth of the trace
+    assert noise_block_length(trend) == 20
 
 
-def test_correlated_noise_draws_keep_their_marginal_and_correlate() -> None:
-    model = TRUTH.with_coefficients(noise_quantiles=(0.5, 1.0, 2.0), noise_autocorrelation=0.8)
+def test_the_simulator_replays_the_trace_in_blocks() -> None:
+    trace = tuple(1.0 + i / 1000 for i in range(1000))  # value -> position
+    model = TRUTH.with_coefficients(noise_trace=trace, noise_block_iterations=50.0,
+                                    noise_quantiles=(9.0, 9.0))
     config = SimConfig.from_parameters({"kv_cache_bytes": str(64 * BLOCK_BYTES)}, model)
     sim = Simulator(config, model, workload=None)
-    u = np.array([sim._next_noise_probability() for _ in range(20_000)])
-    assert ((0 <= u) & (u < 1)).all()
-    assert np.mean(u < 0.25) == pytest.approx(0.25, abs=0.03)  # uniform marginal
-    z = np.array([NormalDist().inv_cdf(x) for x in u])
-    assert np.corrcoef(z[:-1], z[1:])[0, 1] == pytest.approx(0.8, abs=0.03)
-    with pytest.raises(ValueError, match="autocorrelation"):
-        TRUTH.with_coefficients(noise_autocorrelation=1.0)
+    draws = [sim._noise_factor() for _ in range(20_000)]
+    assert set(draws) <= set(trace)  # the trace, not the quantiles
+    positions = np.round((np.array(draws) - 1.0) * 1000).astype(int)
+    jumps = np.mean(np.diff(positions) % 1000 != 1)
+    assert jumps == pytest.approx(1 / 50, abs=0.005)
+    assert len(set(draws)) > 900  # random block starts cover the trace
+    for bad in ({"noise_block_iterations": 0.5}, {"noise_trace": (1.0, 0.0)}):
+        with pytest.raises(ValueError):
+            TRUTH.with_coefficients(**bad)
 
 
 def test_records_round_trip_through_the_log(tmp_path) -> None:

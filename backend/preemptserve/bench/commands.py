@@ -293,10 +293,15 @@ def fidelity(args: argparse.Namespace) -> int:
         fidelity=[],
     )
     cdfs: dict[str, list[RequestTimeline]] = {}
-    # Each server logs its iterations: the report compares them with the cost model.
-    logdir = Path(tempfile.mkdtemp(prefix="preemptserve-fidelity-"))
+    # Each server logs its iterations beside the report (<out>-<policy>-iterations.jsonl):
+    # the report compares them with the cost model.
+    logs = {policy: args.out.with_name(f"{args.out.name}-{policy}-iterations.jsonl")
+            for policy in args.policies}
+    for path in logs.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
     args.policy_param = [*args.policy_param, *(
-        f"{policy}:iteration_stats_path={logdir / policy}.jsonl" for policy in args.policies)]
+        f"{policy}:iteration_stats_path={path}" for policy, path in logs.items())]
 
     def body(policy: str, server: Any) -> None:
         # Side by side: the simulations run right after the server runs of the same policy.
@@ -320,7 +325,7 @@ def fidelity(args: argparse.Namespace) -> int:
                 result["runs"][label] = run
         row = fidelity_row(policy, served, simulated)
         config = SimConfig.from_parameters(parameters_for(args, policy), cost_model)
-        records = read_log_when_idle(logdir / f"{policy}.jsonl")
+        records = read_log_when_idle(logs[policy])
         row["served_over_modelled_iterations"] = served_over_modelled(
             cost_model, records, config.block_bytes)
         result["fidelity"].append(row)
@@ -333,7 +338,6 @@ def fidelity(args: argparse.Namespace) -> int:
 
     result["server_errors"] = {}
     _with_servers(args, body, result["server_errors"])
-    shutil.rmtree(logdir, ignore_errors=True)
     _write(result, args.out, cdfs)
     return 0
 

@@ -66,9 +66,13 @@ class IterationCostModel:
     # probabilities from 0 to 1) of measured / modelled time over the profiling steps. When
     # set, the simulator multiplies each iteration by a draw from this distribution (seeded).
     noise_quantiles: tuple[float, ...] = ()
-    # Lag-1 autocorrelation of that noise (a Gaussian copula: slow iterations come in
-    # runs on a shared machine), from the server's iterations; 0: independent draws.
-    noise_autocorrelation: float = 0.0
+    # Or, measured on a server (``fit_served_iterations``): the measured / modelled ratios
+    # of its iterations in their order. The simulator replays blocks of it of random start
+    # and mean length ``noise_block_iterations`` (a stationary bootstrap), so that slow
+    # stretches come in runs as they do on a shared machine. Takes precedence over
+    # ``noise_quantiles`` (its marginal).
+    noise_trace: tuple[float, ...] = ()
+    noise_block_iterations: float = 1.0
     # Provenance: the command, machine and date, or the publication and derivation.
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -82,8 +86,10 @@ class IterationCostModel:
             raise ValueError(f"cost model coefficients must be >= 0: {negative}")
         if self.swap_bytes_per_s <= 0:
             raise ValueError("swap_bytes_per_s must be positive")
-        if not 0.0 <= self.noise_autocorrelation < 1.0:
-            raise ValueError("noise_autocorrelation must be in [0, 1)")
+        if self.noise_block_iterations < 1.0:
+            raise ValueError("noise_block_iterations must be >= 1")
+        if any(r <= 0 for r in self.noise_trace):
+            raise ValueError("noise_trace ratios must be positive")
 
     def iteration_time_s(self, shape: BatchShape) -> float:
         return (
@@ -134,6 +140,7 @@ class IterationCostModel:
         if data.get("swap_bytes_per_s") is None:
             data["swap_bytes_per_s"] = float("inf")
         data["noise_quantiles"] = tuple(data.get("noise_quantiles", ()))
+        data["noise_trace"] = tuple(data.get("noise_trace", ()))
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -101,7 +100,8 @@ def fit_served_iterations(
     ratios = np.array([t / fitted.iteration_time_s(shape) for shape, t in samples])
     fitted = fitted.with_coefficients(
         noise_quantiles=tuple(float(q) for q in np.quantile(ratios, np.linspace(0, 1, 41))),
-        noise_autocorrelation=noise_autocorrelation(ratios),
+        noise_trace=tuple(round(float(r), 4) for r in ratios),
+        noise_block_iterations=float(noise_block_length(ratios)),
     )
     errors = 1 / ratios - 1
     facts = {
@@ -117,7 +117,9 @@ def fit_served_iterations(
             "median_abs": float(np.median(np.abs(errors))),
             "p90_abs": float(np.percentile(np.abs(errors), 90)),
         },
-        "noise_autocorrelation": fitted.noise_autocorrelation,
+        "noise_autocorrelation": {str(lag): autocorrelation(ratios, lag)
+                                  for lag in (1, 2, 5, 10, 20, 50, 100)},
+        "noise_block_iterations": fitted.noise_block_iterations,
     }
     return fitted, facts
 
@@ -157,13 +159,22 @@ def served_over_modelled(
     }
 
 
-def noise_autocorrelation(ratios: np.ndarray) -> float:
-    """Lag-1 autocorrelation of the normal scores of successive measured/modelled ratios
-    (the Gaussian copula the simulator draws its correlated noise from), clipped to [0, 1)."""
-    if len(ratios) < 3:
+def autocorrelation(ratios: np.ndarray, lag: int) -> float:
+    """Autocorrelation of ``log(ratios)`` at ``lag`` (0 when there are too few)."""
+    if len(ratios) < lag + 3:
         return 0.0
-    ranks = np.argsort(np.argsort(ratios))
-    normal = NormalDist()
-    scores = np.array([normal.inv_cdf((r + 0.5) / len(ratios)) for r in ranks])
-    rho = float(np.corrcoef(scores[:-1], scores[1:])[0, 1])
-    return min(max(rho, 0.0), 0.99)
+    x = np.log(ratios)
+    x = x - x.mean()
+    denominator = float(np.dot(x, x))
+    return float(np.dot(x[:-lag], x[lag:]) / denominator) if denominator else 0.0
+
+
+def noise_block_length(ratios: np.ndarray, threshold: float = 0.05) -> int:
+    """The mean block length for replaying ``ratios``: twice the first lag at which their
+    autocorrelation falls below ``threshold`` (so blocks keep the runs of slow iterations),
+    at most a tenth of the trace."""
+    longest = max(1, len(ratios) // 10)
+    for lag in range(1, longest + 1):
+        if autocorrelation(ratios, lag) < threshold:
+            return min(2 * lag, longest)
+    return longest

@@ -17,13 +17,11 @@ after its arrival. Any registered policy runs unchanged; policies that declare
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 from ..bench.metrics import SLO, RequestTimeline
@@ -40,7 +38,6 @@ logger = logging.getLogger(__name__)
 # The simulated model samples this id; with no end_id a request ends at max_tokens.
 _TOKEN_ID = 0
 _MAX_EMPTY_ITERATIONS = 10_000
-_NORMAL = NormalDist()
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,7 @@ class Simulator:
         self.slo = slo
         self.now_s = 0.0
         self._noise = random.Random(config.noise_seed)
-        self._noise_z: float | None = None  # the copula's state (first draw: stationary)
+        self._trace_pos: int | None = None  # where the noise trace is replayed from
         self.block_manager = BlockManager(
             config.num_blocks,
             config.block_size,
@@ -267,16 +264,19 @@ class Simulator:
             return
         by_id[request.request_id] = tracked[spec.index]  # positions: see run()
 
-    def _next_noise_probability(self) -> float:
-        """The next iteration's noise draw in [0, 1): independent, or the AR(1) Gaussian
-        copula ``z' = rho z + sqrt(1 - rho^2) e`` of the measured autocorrelation."""
-        rho = self.cost_model.noise_autocorrelation
-        if not rho:
-            return self._noise.random()
-        e = self._noise.gauss()
-        self._noise_z = e if self._noise_z is None else (
-            rho * self._noise_z + math.sqrt(1 - rho * rho) * e)
-        return min(_NORMAL.cdf(self._noise_z), 1.0 - 1e-12)
+    def _noise_factor(self) -> float:
+        """The next iteration's measured / modelled time ratio: the next value of the noise
+        trace (a new random block start with probability 1 / mean block length), or an
+        independent draw from the noise quantiles."""
+        cost = self.cost_model
+        trace = cost.noise_trace
+        if not trace:
+            return cost.noise_factor(self._noise.random())
+        if self._trace_pos is None or self._noise.random() * cost.noise_block_iterations < 1:
+            self._trace_pos = self._noise.randrange(len(trace))
+        else:
+            self._trace_pos = (self._trace_pos + 1) % len(trace)
+        return trace[self._trace_pos]
 
     def _iteration_time_s(self, output: SchedulerOutput) -> tuple[float, float]:
         """(iteration time, of which swaps) for one planned iteration."""
@@ -286,8 +286,8 @@ class Simulator:
             # Hidden-mode items past their first chunk recompute K/V of their context.
             compute_s += cost.hidden_recompute_s_per_block * hidden_recompute_blocks(
                 output, self.config.block_size)
-        if cost.noise_quantiles and not output.is_empty:
-            compute_s *= cost.noise_factor(self._next_noise_probability())
+        if (cost.noise_trace or cost.noise_quantiles) and not output.is_empty:
+            compute_s *= self._noise_factor()
         block_bytes = self.config.block_bytes
         if cost.swap_overlaps_compute:
             # Only blocking swap-outs and swap-ins of scheduled requests hold the forward.
