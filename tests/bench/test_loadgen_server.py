@@ -12,6 +12,7 @@ from preemptserve.bench.metrics import summarize
 from preemptserve.bench.prompts import PromptBuilder
 from preemptserve.bench.server import policy_server, scrape_metrics, served_parameters
 from preemptserve.bench.workload import RequestSpec, Workload
+from preemptserve.engine.iteration_stats import read_log_when_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,8 @@ def test_open_loop_requests_leave_on_time_with_exact_lengths(tmp_path: Path) -> 
     builder = PromptBuilder()
     prompts = builder.prompts([s.input_tokens for s in specs], seed=1)
     assert [len(builder.tokenizer.encode(p).ids) for p in prompts] == [40, 7, 1, 23, 64]
-    params = {**served_parameters(), "scheduler_policy": "fcfs"}
+    log = tmp_path / "iterations.jsonl"
+    params = {**served_parameters(), "scheduler_policy": "fcfs", "iteration_stats_path": str(log)}
     with policy_server(params, tmp_path, "fcfs") as server:
         timelines, facts = run_open_loop(server.grpc_url, workload, prompts, progress=False)
         metrics = scrape_metrics(server.metrics_url)
@@ -46,3 +48,9 @@ def test_open_loop_requests_leave_on_time_with_exact_lengths(tmp_path: Path) -> 
     assert timelines[1].finish_s < timelines[0].finish_s  # not held back by the long one
     assert facts["max_send_lag_s"] < 0.1
     assert summarize(timelines)["num_output_tokens"] == 78
+    # the server logged every iteration it ran for these requests
+    records = read_log_when_idle(log)
+    assert sum(r.num_sampled_tokens for r in records) == 78
+    assert sum(r.num_prefill_tokens for r in records) >= 40 + 7 + 1 + 23 + 64
+    assert records[-1].num_unfinished == 0
+    assert [r.iteration for r in records] == list(range(len(records)))

@@ -59,3 +59,23 @@ def test_prefill_profile_is_measured_saved_and_loaded(default_model_dir, tmp_pat
         cache=CacheConfig(kv_cache_bytes=64 * 2**20),
     ))
     assert loaded.cost_model == profile
+
+
+def test_a_simulator_profile_serves_as_the_engines_cost_model(default_model_dir, tmp_path):
+    """``prefill_profile_path`` may name a ``bench profile`` cost model: the server's
+    policies then weigh exactly the costs the simulator's do, nothing measured at startup."""
+    from preemptserve.sim.cost_model import IterationCostModel
+
+    model = IterationCostModel(fixed_s=0.01, per_prefill_token_s=1e-4, per_sampled_token_s=1e-3,
+                               kv_bytes_per_token=1, hidden_recompute_s_per_block=0.004)
+    path = tmp_path / "cost-model.json"
+    model.save(path)
+    for policy in ("skip_join_mlfq", "apt"):
+        engine = LLMEngine(EngineConfig(
+            model_dir=str(default_model_dir), device="cpu", prefill_profile_path=str(path),
+            scheduler=SchedulerConfig(policy=policy),
+            cache=CacheConfig(kv_cache_bytes=64 * 2**20),
+        ))
+        assert engine.cost_model == model
+        assert engine.cost_model.prefill_time_s(100) == pytest.approx(0.01 + 0.01 + 0.001)
+    assert engine.scheduler.recompute_s_per_block == 0.004

@@ -161,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     add_report_arguments(fid, "fidelity")
     fid.add_argument("--profile", required=True)
     fid.add_argument("--repeats", type=int, default=1,
-                     help="server runs per policy (the server's statistics are averaged)")
+                     help="server runs per policy, going round the policies (averaged)")
     fid.add_argument("--sim-seeds", type=int, default=5,
                      help="simulations per policy, one per noise seed (averaged)")
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import serving_config_from_parameters
 from ..engine.iteration_stats import read_log_when_idle
-from ..sim.cost_model import IterationCostModel, load_profile
+from ..sim.cost_model import IterationCostModel, load_profile, profile_path
 from ..sim.fit import served_over_modelled
 from ..sim.simulator import SimConfig, Simulator
 from .metrics import SLO, RequestTimeline, effective_throughput, relative_error, summarize
@@ -277,6 +277,19 @@ def fidelity(args: argparse.Namespace) -> int:
     workload, slo = build_workload(args), slo_of(args)
     cost_model = load_profile(args.profile)
     prompts = _prompts(workload)
+    # Each server logs its iterations beside the report (<out>-<policy>-iterations.jsonl):
+    # the report compares them with the cost model.
+    logs = {policy: args.out.with_name(f"{args.out.name}-{policy}-iterations.jsonl")
+            for policy in args.policies}
+    for path in logs.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+    args.policy_param = [*args.policy_param, *(
+        f"{policy}:iteration_stats_path={path}" for policy, path in logs.items())]
+    # The servers' policies weigh prefill and recompute costs from the same profile as
+    # the simulated ones (not from a measurement of their own at startup).
+    args.param = [*args.param, f"prefill_profile_path={profile_path(args.profile).resolve()}"]
+
     result = new_result(
         "fidelity",
         workload=workload.describe(),
@@ -293,27 +306,25 @@ def fidelity(args: argparse.Namespace) -> int:
         fidelity=[],
     )
     cdfs: dict[str, list[RequestTimeline]] = {}
-    # Each server logs its iterations beside the report (<out>-<policy>-iterations.jsonl):
-    # the report compares them with the cost model.
-    logs = {policy: args.out.with_name(f"{args.out.name}-{policy}-iterations.jsonl")
-            for policy in args.policies}
-    for path in logs.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-    args.policy_param = [*args.policy_param, *(
-        f"{policy}:iteration_stats_path={path}" for policy, path in logs.items())]
+    served: dict[str, list[dict[str, Any]]] = {policy: [] for policy in args.policies}
 
     def body(policy: str, server: Any) -> None:
-        # Side by side: the simulations run right after the server runs of the same policy.
-        served, simulated = [], []
-        for repeat in range(args.repeats):
-            label = f"{policy} server" + (f" #{repeat + 1}" if args.repeats > 1 else "")
-            real, result["runs"][label] = run_on_server(
-                args, server, workload, prompts, policy, slo, label
-            )
-            served.append(result["runs"][label]["summary"])
-            if repeat == 0:
-                cdfs[f"{policy} server"] = real
+        label = f"{policy} server" + (f" #{len(served[policy]) + 1}" if args.repeats > 1 else "")
+        real, result["runs"][label] = run_on_server(
+            args, server, workload, prompts, policy, slo, label
+        )
+        served[policy].append(result["runs"][label]["summary"])
+        cdfs.setdefault(f"{policy} server", real)
+
+    # Repeats go round the policies (a fresh server each time), so that the machine's
+    # drifts in speed (minutes long on a shared machine) fall on every policy alike.
+    result["server_errors"] = {}
+    for _ in range(args.repeats):
+        _with_servers(args, body, result["server_errors"])
+    for policy in args.policies:
+        if not served[policy]:
+            continue
+        simulated = []
         for seed in range(args.sim_seeds):
             label = f"{policy} sim" + (f" seed {seed}" if args.sim_seeds > 1 else "")
             timelines, run = run_in_sim(
@@ -323,11 +334,10 @@ def fidelity(args: argparse.Namespace) -> int:
             if seed == 0:
                 cdfs[f"{policy} sim"] = timelines
                 result["runs"][label] = run
-        row = fidelity_row(policy, served, simulated)
+        row = fidelity_row(policy, served[policy], simulated)
         config = SimConfig.from_parameters(parameters_for(args, policy), cost_model)
-        records = read_log_when_idle(logs[policy])
         row["served_over_modelled_iterations"] = served_over_modelled(
-            cost_model, records, config.block_bytes)
+            cost_model, read_log_when_idle(logs[policy]), config.block_bytes)
         result["fidelity"].append(row)
         logger.info(
             "%s: mean JCT error %+.1f%%, P99 JCT error %+.1f%%",
@@ -335,9 +345,6 @@ def fidelity(args: argparse.Namespace) -> int:
             100 * row["mean_jct_error"],
             100 * row["p99_jct_error"],
         )
-
-    result["server_errors"] = {}
-    _with_servers(args, body, result["server_errors"])
     _write(result, args.out, cdfs)
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 from ..config import EngineConfig
 from ..core.block_manager import BlockManager
-from ..core.cost_model import CostModel, PrefillProfile
+from ..core.cost_model import CostModel
 from ..core.request import FINISH_REASONS, CacheMode, Request, RequestStatus, SamplingParams
 from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
 from ..model.args import LlamaArgs
@@ -28,7 +28,11 @@ from .kv_cache import (
     kv_bytes_per_token,
     num_blocks_for_budget,
 )
-from .profiling import measure_hidden_recompute_cost, measure_prefill_profile
+from .profiling import (
+    load_profile_file,
+    measure_hidden_recompute_cost,
+    measure_prefill_profile,
+)
 from .sampler import SamplingState
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -172,7 +176,7 @@ class LLMEngine:
         """
         policy = policy_class(self.config.scheduler.policy)
         if self.config.prefill_profile_path:
-            profile = PrefillProfile.load(self.config.prefill_profile_path)
+            profile = load_profile_file(self.config.prefill_profile_path)
         elif policy.requires_cost_model:
             profile = measure_prefill_profile(
                 self.executor, self.block_manager,

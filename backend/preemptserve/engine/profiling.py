@@ -6,16 +6,18 @@ hidden-cache mode per block of context (Apt-Serve's recompute constant).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
 import time
 from itertools import combinations
+from pathlib import Path
 
 import torch
 
 from ..core.block_manager import BlockManager
-from ..core.cost_model import PrefillProfile
+from ..core.cost_model import CostModel, PrefillProfile
 from ..core.request import SamplingParams
 from ..core.scheduler import ScheduledRequest, SchedulerOutput
 from .executor import Executor
@@ -187,3 +189,16 @@ def _time_step(runner: Executor, output: SchedulerOutput) -> float:
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     return time.perf_counter() - start
+
+
+def load_profile_file(path: str | Path) -> CostModel:
+    """The profile a ``prefill_profile_path`` names: a prefill profile (``prefill_points``,
+    as ``PrefillProfile.save`` writes), or a cost model written by ``python -m
+    preemptserve.bench profile``. With the latter, the server's policies weigh prefill
+    times and the hidden recompute cost exactly as they do in the simulator fed that file.
+    """
+    if "prefill_points" in json.loads(Path(path).read_text()):
+        return PrefillProfile.load(path)
+    from ..sim.cost_model import IterationCostModel  # plain data, no torch
+
+    return IterationCostModel.load(path)

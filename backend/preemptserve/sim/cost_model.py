@@ -30,7 +30,14 @@ from typing import Any
 
 from ..core.scheduler.output import BatchShape, batch_shape
 
-__all__ = ["COEFFICIENTS", "BatchShape", "IterationCostModel", "batch_shape", "load_profile"]
+__all__ = [
+    "COEFFICIENTS",
+    "BatchShape",
+    "IterationCostModel",
+    "batch_shape",
+    "load_profile",
+    "profile_path",
+]
 
 COEFFICIENTS = (
     "fixed_s",
@@ -151,9 +158,12 @@ class IterationCostModel:
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
+def profile_path(name_or_path: str | Path) -> Path:
+    """A saved cost model's file: a path, or the name of one in ``sim/profiles/``."""
+    path = Path(name_or_path)
+    return path if path.exists() else PROFILES_DIR / f"{name_or_path}.json"
+
+
 def load_profile(name_or_path: str | Path) -> IterationCostModel:
     """A saved cost model: a path, or the name of one in ``sim/profiles/`` (no ``.json``)."""
-    path = Path(name_or_path)
-    if not path.exists():
-        path = PROFILES_DIR / f"{name_or_path}.json"
-    return IterationCostModel.load(path)
+    return IterationCostModel.load(profile_path(name_or_path))

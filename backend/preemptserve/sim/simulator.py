@@ -106,6 +106,7 @@ class SimResult:
     num_swap_ins: int = 0
     num_preemptions: int = 0
     num_recomputations: int = 0
+    num_hidden_tokens: int = 0  # tokens computed in hidden-cache mode (the server's counter)
     end_s: float = 0.0
     wall_s: float = 0.0
 
@@ -130,6 +131,7 @@ class SimResult:
                 "num_swap_ins",
                 "num_preemptions",
                 "num_recomputations",
+                "num_hidden_tokens",
                 "end_s",
                 "wall_s",
             )
@@ -209,6 +211,8 @@ class Simulator:
                 result.swap_s += swap_s
                 result.num_swap_outs += len(output.swap_out)
                 result.num_swap_ins += len(output.swap_in)
+                result.num_hidden_tokens += sum(
+                    item.num_tokens for item in output.scheduled if item.hidden)
                 empty_in_a_row = empty_in_a_row + 1 if output.is_empty else 0
                 if empty_in_a_row > _MAX_EMPTY_ITERATIONS:
                     raise RuntimeError(
