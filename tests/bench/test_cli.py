@@ -107,3 +107,25 @@ def test_generate_writes_a_replayable_trace(tmp_path: Path) -> None:
     )
     assert path.read_text().splitlines()[0] == "arrival_time_s,input_tokens,output_tokens"
     assert len(path.read_text().splitlines()) == 51
+
+
+def test_the_speed_diagnosis_scales_the_simulation_to_the_served_speed() -> None:
+    import argparse
+
+    from preemptserve.bench.commands import _at_served_speed, run_in_sim
+    from preemptserve.bench.workload import synthetic
+    from preemptserve.sim.cost_model import load_profile
+
+    args = argparse.Namespace(param=["kv_cache_bytes=1073741824"], policy_param=[],
+                              no_progress=True, sim_seeds=2)
+    model = load_profile("llama2-7b-a100")
+    workload = synthetic("alpaca", 50, 5.0, seed=1, max_context_tokens=4096)
+    served = [run_in_sim(args, workload, "fcfs", model, None, "x", noise_seed=s)[1]["summary"]
+              for s in range(2)]
+    # Servers exactly as fast as the model: the diagnosis reproduces the simulation.
+    same = _at_served_speed(args, workload, "fcfs", model, None, served, 1.0)
+    assert same["speed_factor"] == 1.0 and abs(same["mean_jct_error"]) < 1e-9
+    # Servers twice as slow per iteration: longer simulated JCTs.
+    slow = _at_served_speed(args, workload, "fcfs", model, None, served, 2.0)
+    assert slow["speed_factor"] == 2.0 and slow["mean_jct_error"] > 0.5
+    assert _at_served_speed(args, workload, "fcfs", model, None, served, None) is None

@@ -137,6 +137,17 @@ def runs_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
     return table(headers, rows)
 
 
+def speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    headers = ["policy", "speed factor", "sim mean JCT s", "error", "sim P99 JCT s", "error"]
+    body = []
+    for r in rows:
+        d = r["at_served_speed"]
+        body.append([r["policy"], f"{d['speed_factor']:.3f}", _s(d["sim_mean_jct_s"]),
+                     f"{100 * d['mean_jct_error']:+.1f}%", _s(d["sim_p99_jct_s"]),
+                     f"{100 * d['p99_jct_error']:+.1f}%"])
+    return table(headers, body)
+
+
 def fidelity_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Means over the server's repeats and the simulator's seeds (ranges when several)."""
 
@@ -237,6 +248,11 @@ def markdown(result: Mapping[str, Any]) -> str:
         parts.append(f"- {policy}: no server run: {error}")
     if result.get("fidelity"):
         parts += ["", "## Simulator against the server", "", fidelity_table(result["fidelity"])]
+        diagnosis = [r for r in result["fidelity"] if r.get("at_served_speed")]
+        if diagnosis:
+            parts += ["", "Diagnosis only (not a prediction): the simulator rerun at the speed "
+                      "the servers' iterations had in these runs", "",
+                      speed_table(diagnosis)]
     if result.get("sweep"):
         parts += ["", "## Rate sweep", "", sweep_table(result["sweep"])]
         if result.get("effective_throughput"):
