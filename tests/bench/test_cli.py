@@ -112,7 +112,8 @@ def test_generate_writes_a_replayable_trace(tmp_path: Path) -> None:
 def test_the_speed_diagnosis_scales_the_simulation_to_the_served_speed() -> None:
     import argparse
 
-    from preemptserve.bench.commands import _at_served_speed, run_in_sim
+    from preemptserve.bench.commands import run_in_sim
+    from preemptserve.bench.fidelity import at_served_speed
     from preemptserve.bench.workload import synthetic
     from preemptserve.sim.cost_model import load_profile
 
@@ -123,9 +124,9 @@ def test_the_speed_diagnosis_scales_the_simulation_to_the_served_speed() -> None
     served = [run_in_sim(args, workload, "fcfs", model, None, "x", noise_seed=s)[1]["summary"]
               for s in range(2)]
     # Servers exactly as fast as the model: the diagnosis reproduces the simulation.
-    same = _at_served_speed(args, workload, "fcfs", model, None, served, 1.0)
+    same = at_served_speed(args, workload, "fcfs", model, None, served, 1.0)
     assert same["speed_factor"] == 1.0 and abs(same["mean_jct_error"]) < 1e-9
     # Servers twice as slow per iteration: longer simulated JCTs.
-    slow = _at_served_speed(args, workload, "fcfs", model, None, served, 2.0)
+    slow = at_served_speed(args, workload, "fcfs", model, None, served, 2.0)
     assert slow["speed_factor"] == 2.0 and slow["mean_jct_error"] > 0.5
-    assert _at_served_speed(args, workload, "fcfs", model, None, served, None) is None
+    assert at_served_speed(args, workload, "fcfs", model, None, served, None) is None

@@ -79,7 +79,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
 
 
 def test_fidelity_rows_average_repeats_and_seeds_and_show_ranges() -> None:
-    from preemptserve.bench.commands import fidelity_row
+    from preemptserve.bench.fidelity import fidelity_row
     from preemptserve.bench.report import fidelity_table
 
     def summary(mean_jct: float, p99_jct: float) -> dict:

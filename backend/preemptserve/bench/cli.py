@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.scheduler import available_policies
-from . import commands
+from . import commands, fidelity
 from .commands import build_workload
 from .workload import PRESETS
 
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve-compare": commands.serve_compare,
         "simulate": commands.simulate,
         "profile": commands.profile,
-        "fidelity": commands.fidelity,
+        "fidelity": fidelity.fidelity,
         "sweep": commands.sweep,
     }[args.command]
     return handler(args)
