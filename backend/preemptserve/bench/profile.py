@@ -35,7 +35,12 @@ from ..engine.iteration_stats import read_iteration_log, read_log_when_idle
 from ..engine.llm_engine import LLMEngine
 from ..engine.profiling import measure_hidden_recompute_cost
 from ..sim.cost_model import BatchShape, IterationCostModel, batch_shape
-from ..sim.fit import fit_iteration_coefficients, fit_served_iterations, fit_swap
+from ..sim.fit import (
+    fit_iteration_coefficients,
+    fit_quality,
+    fit_served_iterations,
+    fit_swap,
+)
 from .workload import RequestSpec, Workload
 
 logger = logging.getLogger(__name__)
@@ -186,20 +191,12 @@ def profile_engine(
     model = model.with_coefficients(
         noise_quantiles=tuple(float(q) for q in np.quantile(ratios, np.linspace(0, 1, 41)))
     )
-    errors = np.array([model.iteration_time_s(s) / t - 1 for s, t in steps])
+    quality = fit_quality(ratios)
     facts = {
         "num_step_samples": len(steps),
         "num_swap_samples": len(swaps),
-        "measured_over_model": {
-            "mean": float(ratios.mean()),
-            "p50": float(np.median(ratios)),
-            "p99": float(np.percentile(ratios, 99)),
-        },
-        "step_fit_relative_error": {
-            "median_abs": float(np.median(np.abs(errors))),
-            "p90_abs": float(np.percentile(np.abs(errors), 90)),
-            "mean": float(errors.mean()),
-        },
+        "measured_over_model": quality["measured_over_model"],
+        "step_fit_relative_error": quality["relative_error"],
         "torch_threads": torch.get_num_threads(),
         "device": str(engine.device),
         "load_average_1m": [load_before, os.getloadavg()[0]],

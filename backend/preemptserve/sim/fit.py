@@ -103,20 +103,13 @@ def fit_served_iterations(
         noise_trace=tuple(round(float(r), 4) for r in ratios),
         noise_block_iterations=float(noise_block_length(ratios)),
     )
-    errors = 1 / ratios - 1
+    quality = fit_quality(ratios)
     facts = {
         "num_iterations": len(records),
         "num_fitted_periods": len(samples),
         "coefficients": coefficients,
-        "measured_over_model": {
-            "mean": float(ratios.mean()),
-            "p50": float(np.median(ratios)),
-            "p99": float(np.percentile(ratios, 99)),
-        },
-        "period_fit_relative_error": {
-            "median_abs": float(np.median(np.abs(errors))),
-            "p90_abs": float(np.percentile(np.abs(errors), 90)),
-        },
+        "measured_over_model": quality["measured_over_model"],
+        "period_fit_relative_error": quality["relative_error"],
         "noise_autocorrelation": {str(lag): autocorrelation(ratios, lag)
                                   for lag in (1, 2, 5, 10, 20, 50, 100)},
         "noise_block_iterations": fitted.noise_block_iterations,
@@ -156,6 +149,23 @@ def served_over_modelled(
         "total": measured / modelled if modelled else None,
         "by_batch_size": {k: {"ratio": m / p, "iterations": n}
                           for k, (m, p, n) in sorted(by_size.items())},
+    }
+
+
+def fit_quality(ratios: np.ndarray) -> dict[str, dict[str, float]]:
+    """Measured / modelled time ratios summarised, and the model's relative errors."""
+    errors = 1 / ratios - 1
+    return {
+        "measured_over_model": {
+            "mean": float(ratios.mean()),
+            "p50": float(np.median(ratios)),
+            "p99": float(np.percentile(ratios, 99)),
+        },
+        "relative_error": {
+            "median_abs": float(np.median(np.abs(errors))),
+            "p90_abs": float(np.percentile(np.abs(errors), 90)),
+            "mean": float(errors.mean()),
+        },
     }
 
 
