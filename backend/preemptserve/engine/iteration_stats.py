@@ -1,7 +1,8 @@
 """One record per engine iteration: what ran, how long it took, what was left.
 
-The engine builds one after every ``step()`` (``LLMEngine.last_iteration``); with
-``iteration_stats_path`` set, the serving loop appends each as a JSON line (in the spirit
+With ``LLMEngine.record_iteration_stats`` on, the engine builds one after every ``step()``
+(``LLMEngine.last_iteration``); with ``iteration_stats_path`` set, the serving loop turns
+that on and appends each record as a JSON line (in the spirit
 of TensorRT-LLM's per-iteration statistics). The batch fields are the simulator's
 ``BatchShape``, so ``bench profile --server`` fits its cost model to the server's own
 iterations. Plain data, no torch.

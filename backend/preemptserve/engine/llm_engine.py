@@ -153,7 +153,10 @@ class LLMEngine:
         self._num_mixed_mode_steps_total = 0
         self._last_step_s = 0.0
         self._num_iterations = 0
-        self.last_iteration: IterationStats | None = None  # of the latest step()
+        # With record_iteration_stats, each step() leaves its IterationStats here (off by
+        # default: it walks the plan once more).
+        self.record_iteration_stats = False
+        self.last_iteration: IterationStats | None = None
         logger.info(
             "engine ready: policy=%s, %d KV blocks of %d tokens (%.1f MiB) on %s, "
             "%d host blocks (%.1f MiB), max_model_len=%d",
@@ -298,7 +301,8 @@ class LLMEngine:
         for request_id, token_id in sampled.items():
             results.append(self._process_token(request_id, token_id))
         self._num_generated_tokens_total += len(results)
-        self._record_iteration(output, timestamp, start)
+        if self.record_iteration_stats:
+            self._record_iteration(output, timestamp, start)
         return results
 
     def _record_iteration(self, output: SchedulerOutput, timestamp: float, start: float) -> None:

@@ -58,6 +58,7 @@ class EngineLoop:
         (``engine/iteration_stats.py``)."""
         self.engine = engine
         self._iteration_log = IterationLog(iteration_stats_path) if iteration_stats_path else None
+        engine.record_iteration_stats = self._iteration_log is not None
         self._on_failure = on_failure
         self._failure: str | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
