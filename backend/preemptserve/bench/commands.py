@@ -183,6 +183,15 @@ def _with_servers(
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def workload_result(
+    kind: str, args: argparse.Namespace, workload: Workload, slo: SLO | None,
+    options: tuple[str, ...], **fields: Any,
+) -> dict[str, Any]:
+    """A report's header: the workload, the SLO and the named command-line options."""
+    return new_result(kind, workload=workload.describe(), slo=slo and vars(slo),
+                      parameters={name: getattr(args, name) for name in options}, **fields)
+
+
 def _write(result: dict[str, Any], out: Path, cdfs: dict[str, list[RequestTimeline]]) -> None:
     finish_result(result)
     json_path = save_json(result, out.with_suffix(".json"))
@@ -203,17 +212,8 @@ def _write(result: dict[str, Any], out: Path, cdfs: dict[str, list[RequestTimeli
 def serve_compare(args: argparse.Namespace) -> int:
     workload, slo = build_workload(args), slo_of(args)
     prompts = _prompts(workload)
-    result = new_result(
-        "serve-compare",
-        workload=workload.describe(),
-        slo=slo and vars(slo),
-        parameters={
-            "param": args.param,
-            "policy_param": args.policy_param,
-            "server_threads": args.server_threads,
-        },
-        runs={},
-    )
+    result = workload_result("serve-compare", args, workload, slo,
+                             ("param", "policy_param", "server_threads"), runs={})
     cdfs: dict[str, list[RequestTimeline]] = {}
 
     def body(policy: str, server: Any) -> None:
@@ -230,17 +230,8 @@ def serve_compare(args: argparse.Namespace) -> int:
 def simulate(args: argparse.Namespace) -> int:
     workload, slo = build_workload(args), slo_of(args)
     cost_model = load_profile(args.profile)
-    result = new_result(
-        "simulate",
-        workload=workload.describe(),
-        slo=slo and vars(slo),
-        parameters={
-            "profile": args.profile,
-            "param": args.param,
-            "policy_param": args.policy_param,
-        },
-        runs={},
-    )
+    result = workload_result("simulate", args, workload, slo,
+                             ("profile", "param", "policy_param"), runs={})
     cdfs: dict[str, list[RequestTimeline]] = {}
     for policy in args.policies:
         cdfs[policy], result["runs"][policy] = run_in_sim(
@@ -256,20 +247,9 @@ def sweep(args: argparse.Namespace) -> int:
         raise SystemExit("sweep needs --slo-ttft-s and --slo-tbt-s")
     if args.backend == "sim" and not args.profile:
         raise SystemExit("--backend sim needs --profile")
-    result = new_result(
-        "sweep",
-        workload=workload.describe(),
-        slo=vars(slo),
-        parameters={
-            "backend": args.backend,
-            "profile": args.profile,
-            "rates": args.rates,
-            "param": args.param,
-            "policy_param": args.policy_param,
-        },
-        sweep=[],
-        attainment_target=args.attainment_target,
-    )
+    result = workload_result("sweep", args, workload, slo,
+                             ("backend", "profile", "rates", "param", "policy_param"),
+                             sweep=[], attainment_target=args.attainment_target)
 
     def measure(policy: str, run: Callable[[Workload, str], tuple[Any, dict]]) -> None:
         for rate in sorted(args.rates):

@@ -29,9 +29,9 @@ from .commands import (
     run_in_sim,
     run_on_server,
     slo_of,
+    workload_result,
 )
 from .metrics import SLO, RequestTimeline, relative_error
-from .report import new_result
 from .workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -73,20 +73,10 @@ def fidelity(args: argparse.Namespace) -> int:
     # the simulated ones (not from a measurement of their own at startup).
     args.param = [*args.param, f"prefill_profile_path={profile_path(args.profile).resolve()}"]
 
-    result = new_result(
-        "fidelity",
-        workload=workload.describe(),
-        slo=slo and vars(slo),
-        parameters={
-            "profile": args.profile,
-            "param": args.param,
-            "policy_param": args.policy_param,
-            "server_threads": args.server_threads,
-            "repeats": args.repeats,
-            "sim_seeds": args.sim_seeds,
-        },
-        runs={},
-        fidelity=[],
+    result = workload_result(
+        "fidelity", args, workload, slo,
+        ("profile", "param", "policy_param", "server_threads", "repeats", "sim_seeds"),
+        runs={}, fidelity=[],
     )
     cdfs: dict[str, list[RequestTimeline]] = {}
     served: dict[str, list[dict[str, Any]]] = {policy: [] for policy in args.policies}
