@@ -106,6 +106,9 @@ class SimResult:
     num_swap_ins: int = 0
     num_preemptions: int = 0
     num_recomputations: int = 0
+    num_recomputed_tokens: int = 0  # tokens whose K/V were dropped and computed again
+    num_blocks_swapped_out: int = 0
+    num_blocks_swapped_in: int = 0
     num_hidden_tokens: int = 0  # tokens computed in hidden-cache mode (the server's counter)
     end_s: float = 0.0
     wall_s: float = 0.0
@@ -131,6 +134,9 @@ class SimResult:
                 "num_swap_ins",
                 "num_preemptions",
                 "num_recomputations",
+                "num_recomputed_tokens",
+                "num_blocks_swapped_out",
+                "num_blocks_swapped_in",
                 "num_hidden_tokens",
                 "end_s",
                 "wall_s",
@@ -237,6 +243,9 @@ class Simulator:
                 events.push(now, EventKind.STEP)
         result.num_preemptions = sched.num_preemptions_total
         result.num_recomputations = sched.num_recomputations_total
+        result.num_recomputed_tokens = sched.num_recomputed_tokens_total
+        result.num_blocks_swapped_out = sched.num_blocks_swapped_out
+        result.num_blocks_swapped_in = sched.num_blocks_swapped_in
         result.end_s = self.now_s
         result.wall_s = time.perf_counter() - wall_start
         if by_id:

@@ -49,8 +49,10 @@ class Scheduler(ABC):
         self.requests: dict[str, Request] = {}
         # A running request that lost its place in the batch (any policy) ...
         self.num_preemptions_total = 0
-        # ... and one whose KV was dropped, to be prefilled again.
+        # ... and one whose KV was dropped, to be prefilled again (and the tokens whose
+        # K/V were dropped: work done twice).
         self.num_recomputations_total = 0
+        self.num_recomputed_tokens_total = 0
         # Requests and blocks moved between tiers by policies that swap.
         self.num_swap_outs = self.num_swap_ins = 0
         self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
@@ -150,6 +152,7 @@ class Scheduler(ABC):
     def _preempt_by_recompute(self, request: Request) -> None:
         """Drop a request's KV; it will prefill prompt + output again when resumed."""
         self.block_manager.free(request.request_id)
+        self.num_recomputed_tokens_total += request.num_computed_tokens
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
