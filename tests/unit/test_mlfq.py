@@ -159,6 +159,7 @@ class Snapshot:
     num_preemptions: dict[str, int]
     num_free_blocks: int
     num_free_host_blocks: int
+    num_started_blocks: int  # blocks held in both tiers
 
     @classmethod
     def take(cls, scheduler: SkipJoinMLFQScheduler) -> Snapshot:
@@ -173,6 +174,7 @@ class Snapshot:
             num_preemptions={r.request_id: r.num_preemptions for r in requests},
             num_free_blocks=bm.num_free_blocks,
             num_free_host_blocks=bm.num_free_host_blocks,
+            num_started_blocks=bm.num_used_blocks + bm.num_used_host_blocks,
         )
 
 
@@ -272,7 +274,9 @@ def check_priority(
       the blocks free at the start minus everything the scheduled jobs took.
     * otherwise some job ``B`` at or ahead of ``W`` without device KV stopped phase 1: it
       was evicted this step, or the blocks it needs (its host blocks reused) exceed
-      the blocks free at the start minus what the jobs ahead of it took.
+      the blocks free at the start minus what the jobs ahead of it took, or it holds no
+      KV at all and starting it would take the blocks of started jobs (both tiers) past
+      the pool outside the reserve.
 
     Both bounds only err towards excusing a wait, never towards accusing one. With
     ``work_conserving`` the same explanation is also required of every waiting job when
@@ -306,6 +310,10 @@ def check_priority(
         needed = max(before.host_blocks.get(request_id, 0),
                      bm.blocks_for_tokens(largest_chunk_end(request_id)))
         ahead = sum(taken[r] for r in scheduled if rank[r] < rank[request_id])
+        if request_id not in before.host_blocks and (
+                before.num_started_blocks + ahead + needed
+                > bm.num_blocks - scheduler.reserve_blocks):
+            return False  # the start gate: started work must fit the device pool
         return needed <= before.num_free_blocks - ahead
 
     waiting = [r for r in scheduler.requests if r not in scheduled]
@@ -537,59 +545,54 @@ def test_short_arrival_preempts_a_long_job_at_the_next_iteration() -> None:
 # -- two tiers: eviction, recompute, offload, prefetch ----------------------------------
 
 
-def test_urgent_eviction_swaps_the_lower_idle_job_out_blocking() -> None:
+def test_a_new_job_waits_for_free_blocks_instead_of_evicting_started_work() -> None:
+    # FastServe would swap long out (blocking the forward) to start short at once; here
+    # arrivals start only in free blocks, so started work is never moved or dropped
+    # for them (the thrashing the A100-profile simulator showed in overload).
     driver = Driver(num_blocks=8, num_host_blocks=16, max_batch_size=1)
     long = make_request("long", 24, max_tokens=4)  # Q2; 7 of 8 blocks after a decode
     driver.add(long)
     driver.run(2)
-    computed = long.num_computed_tokens
     short = make_request("short", 8, max_tokens=2)  # Q0; needs 2 blocks, 1 is free
     driver.add(short)
     output = driver.step()
-    assert scheduled_ids(output) == ["short"] and output.preempted_ids == ("long",)
-    (swap,) = output.swap_out
-    assert swap.request_id == "long" and swap.blocking and swap.num_blocks == 7
-    assert driver.bm.is_on_host("long") and long.num_computed_tokens == computed
-    # long comes back (swapped in, not recomputed) and resumes where it stopped.
-    while "long" not in driver.running:
-        driver.step()
-    assert long.num_preemptions == 0 and long.num_computed_tokens == computed + 1
+    assert scheduled_ids(output) == ["long"] and not output.swap_out
     driver.run_to_completion()
     check_finished(driver, [long, short])
-    assert driver.scheduler.num_swap_outs == driver.scheduler.num_swap_ins == 1
+    assert driver.scheduler.num_swap_outs == driver.scheduler.num_recomputations_total == 0
 
 
-def test_recompute_only_when_the_host_tier_is_full() -> None:
+def test_an_arrival_never_recomputes_started_work() -> None:
     driver = Driver(num_blocks=8, num_host_blocks=4, max_batch_size=1)
     long = make_request("long", 24, max_tokens=4)  # 7 blocks: more than the host holds
     driver.add(long)
     driver.run(2)
     short = make_request("short", 8, max_tokens=2)
     driver.add(short)
-    output = driver.step()
-    assert scheduled_ids(output) == ["short"] and not output.swap_out
-    assert long.num_computed_tokens == 0 and long.num_preemptions == 1
-    assert not driver.bm.has_blocks("long") and not driver.bm.is_on_host("long")
     driver.run_to_completion()
     check_finished(driver, [long, short])
+    assert long.num_preemptions == 0 and driver.scheduler.num_recomputed_tokens_total == 0
 
 
-def test_eviction_takes_the_lowest_queue_first() -> None:
-    driver = Driver(num_blocks=13, num_host_blocks=32, max_batch_size=1)
-    low, mid = make_request("low", 30, max_tokens=4), make_request("mid", 14, 4)  # Q2, Q1
-    driver.add(low)
-    driver.step()  # low: 8 blocks
-    driver.add(mid)
-    assert scheduled_ids(driver.step()) == ["mid"]  # 4 blocks; low keeps its KV
-    short = make_request("short", 8, max_tokens=2)  # Q0; needs 2 blocks, 1 is free
-    driver.add(short)
+def test_started_work_must_fit_the_device_pool_for_a_new_job_to_start() -> None:
+    # 16 blocks, reserve 4: the idle job's 6 blocks plus busy's 7 leave room for a
+    # 2-block arrival only outside the reserve while busy is small; once busy has grown,
+    # a new job waits although free blocks would hold it.
+    driver = Driver(num_blocks=16, num_host_blocks=32, max_batch_size=2,
+                    kv_reserve_fraction=0.25)
+    idle = make_request("idle", 24, max_tokens=2)  # Q2, 6 blocks
+    busy = make_request("busy", 8, max_tokens=20)  # Q0, grows to 7 blocks
+    driver.add(idle, busy)
+    driver.run(12)
+    new = make_request("new", 8, max_tokens=2)
+    driver.add(new)
+    bm = driver.bm
+    started = bm.num_used_blocks + bm.num_used_host_blocks
     output = driver.step()
-    assert scheduled_ids(output) == ["short"]
-    # Both idle jobs rank below short; the lowest goes, and that is enough.
-    assert [(s.request_id, s.blocking) for s in output.swap_out] == [("low", True)]
-    assert driver.bm.has_blocks("mid")
+    fits = started + 2 <= 16 - 4
+    assert ("new" in scheduled_ids(output)) == fits
     driver.run_to_completion()
-    check_finished(driver, [low, mid, short])
+    check_finished(driver, [idle, busy, new])
 
 
 def test_proactive_offload_keeps_the_reserve_free() -> None:
@@ -642,48 +645,6 @@ def test_offload_takes_the_largest_estimated_next_scheduled_time_first() -> None
     check_finished(driver, [q3, q1, busy])
 
 
-def test_prefetch_waits_for_a_round_without_swap_outs() -> None:
-    driver = Driver(num_blocks=5, block_size=4, num_host_blocks=32, max_batch_size=2,
-                    max_num_batched_tokens=8)
-    a, b, short = make_request("a", 12, 5), make_request("b", 18, 2), make_request("short", 5, 4)
-    driver.add(a)
-    driver.step()
-    driver.add(b)
-    driver.run(3)
-    assert driver.bm.has_blocks("a") and driver.bm.has_blocks("b")
-    driver.add(short)  # Q0; needs 2 blocks, none is free: b, then a, are swapped out
-    output = driver.step()
-    assert scheduled_ids(output) == ["short"]
-    assert [(s.request_id, s.blocking) for s in output.swap_out] == [("b", True), ("a", True)]
-    # b's single block would fit in what is left, but not in a round that swapped out.
-    assert driver.bm.num_free_blocks >= driver.bm.num_host_blocks_of("b") == 1
-    assert not output.swap_in
-    output = driver.step()
-    assert not output.swap_out
-    assert [s.request_id for s in output.swap_in] == ["b"]  # prefetched, runs next step
-    assert scheduled_ids(output) == ["short"]
-    driver.run_to_completion()
-    check_finished(driver, [a, b, short])
-    assert a.num_preemptions == b.num_preemptions == 0
-
-
-# -- a swapped-out job needs its table's blocks once, not its host blocks on top ---------
-
-def test_swapped_out_job_runs_as_soon_as_its_blocks_are_free() -> None:
-    driver = Driver(num_blocks=8, num_host_blocks=16, max_batch_size=1)
-    long = make_request("long", 24, max_tokens=4)
-    driver.add(long)
-    driver.run(2)
-    driver.add(make_request("short", 8, max_tokens=2))
-    driver.run(2)  # short evicts long (7 blocks to the host) and finishes
-    assert driver.bm.is_on_host("long") and driver.bm.num_free_blocks == 8
-    output = driver.step()
-    # long needs 7 blocks and 8 are free: it is swapped in and runs in the same step
-    # (once it was charged 7 + 7 and the step ran nothing, only prefetching it).
-    assert scheduled_ids(output) == ["long"]
-    assert [s.request_id for s in output.swap_in] == ["long"]
-
-
 def test_swapped_out_job_bigger_than_the_reserve_allows_is_not_stranded() -> None:
     # 4 device blocks, reserve 2. long (3 blocks) is offloaded while short runs. Prefetch
     # never brings it back (3 + 2 > 4); it must come back when it is selected.
@@ -696,28 +657,6 @@ def test_swapped_out_job_bigger_than_the_reserve_allows_is_not_stranded() -> Non
     driver.add(short)
     driver.run_to_completion(max_steps=30)
     check_finished(driver, [long, short])
-
-
-def test_promoted_job_on_the_host_outranks_a_lower_resident_job() -> None:
-    # Quanta 5, 10, 20, 40 ms; starvation after 3 ms.
-    driver = Driver(num_blocks=7, num_host_blocks=22, max_batch_size=2, base_quantum_s=0.005,
-                    starvation_threshold_s=0.003, checks_priority=False)
-    a, b, c = make_request("a", 11, 5), make_request("b", 15, 5), make_request("c", 7, 5)
-    driver.add(a)
-    driver.step()
-    driver.add(b)  # Q2
-    driver.step()
-    driver.add(c)  # Q1
-    output = driver.step()
-    assert [s.request_id for s in output.swap_out] == ["b"]  # 4 blocks to the host
-    driver.run(2)  # a finishes
-    output = driver.step()
-    # b was promoted to Q0; it needs its 4 blocks back and 4 are free.
-    assert driver.level("b") == 0 and driver.level("c") == 1
-    assert scheduled_ids(output) == ["b", "c"]
-
-
-# -- a recomputation ping-pong found by the property test: minimal reproduction ---------
 
 
 def test_starvation_promotion_and_recompute_do_not_livelock() -> None:
@@ -829,3 +768,36 @@ def _workload(requests: list[tuple[str, int, int, int]], **config: object) -> di
 @given(workload=workloads())
 def test_random_workloads_finish_in_priority_order(workload: dict) -> None:
     run_workload(workload)
+
+
+# -- demotion only where a job is expected to outlast a new one -------------------------
+
+
+def test_residual_life_of_clustered_and_heavy_tailed_lengths() -> None:
+    from preemptserve.core.scheduler.service import OutputLengthHistory
+
+    clustered = OutputLengthHistory(min_samples=4)
+    for n in (98, 100, 100, 102):
+        clustered.observe(n)
+    assert clustered.mean_residual_tokens(0) == 100
+    assert clustered.mean_residual_tokens(50) == 50
+    assert not clustered.expects_longer_than_new(50)
+    assert clustered.expects_longer_than_new(200)  # longer than any seen
+    heavy = OutputLengthHistory(min_samples=4)
+    for n in (2, 2, 2, 400):
+        heavy.observe(n)
+    assert heavy.expects_longer_than_new(3)  # past the short ones: only the long remains
+    assert OutputLengthHistory(min_samples=4).expects_longer_than_new(10)  # nothing known
+
+
+@pytest.mark.parametrize("lengths, demoted", [([40] * 32, False), ([1] * 28 + [200] * 4, True)])
+def test_demotion_follows_the_finished_lengths(lengths: list[int], demoted: bool) -> None:
+    driver = Driver(max_batch_size=1)
+    for n in lengths:
+        driver.scheduler.output_lengths.observe(n)
+    job = make_request("job", 12, max_tokens=30)  # Q1 (12 ms prefill): quantum 20 ms
+    driver.add(job)
+    assert driver.level("job") == 1
+    driver.run(25)  # 25 ms of service, 24 tokens: past the quantum
+    assert (driver.level("job") == 2) == demoted
+    assert driver.scheduler.num_demotions_declined == (0 if demoted else 1)

@@ -148,8 +148,9 @@ class SkipJoinMLFQScheduler(Scheduler):
         budget = self.config.max_num_batched_tokens
 
         # 1. Fill from the highest queue down until the batch, the budget or memory ends.
-        #    Once a job without KV cannot get blocks, no later one can: only jobs that
-        #    already hold KV (they need at most a block more) are still tried, in order.
+        #    Once a job without device KV cannot get blocks, no later job without KV may
+        #    start (a stream of smaller arrivals would pass it forever): only jobs that
+        #    hold KV in either tier are still tried, in priority order.
         blocked = False
         max_batch_size = self.config.max_batch_size
         num_selected = 0
@@ -164,9 +165,14 @@ class SkipJoinMLFQScheduler(Scheduler):
                 blocked = True
                 break
         if blocked:
-            for job in sorted(self._resident_idle(plan), key=lambda j: j.key):
+            holders = [self._jobs[r] for r in (*bm.device_owners(), *bm.host_owners())
+                       if r not in plan.selected]
+            for job in sorted(holders, key=lambda j: j.key):
                 if len(plan.selected) >= self.config.max_batch_size or budget <= 0:
                     break
+                if not bm.has_blocks(job.request.request_id) and not bm.is_on_host(
+                        job.request.request_id):
+                    continue  # recomputed while making room for a job ahead of it
                 num_tokens = min(job.request.num_uncomputed_tokens, budget)
                 if self._try_select(job, num_tokens, plan) is not None:
                     budget -= num_tokens
