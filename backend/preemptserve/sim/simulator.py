@@ -107,6 +107,7 @@ class SimResult:
     num_preemptions: int = 0
     num_recomputations: int = 0
     num_recomputed_tokens: int = 0  # tokens whose K/V were dropped and computed again
+    max_recomputations_per_request: int = 0
     num_blocks_swapped_out: int = 0
     num_blocks_swapped_in: int = 0
     num_hidden_tokens: int = 0  # tokens computed in hidden-cache mode (the server's counter)
@@ -135,6 +136,7 @@ class SimResult:
                 "num_preemptions",
                 "num_recomputations",
                 "num_recomputed_tokens",
+                "max_recomputations_per_request",
                 "num_blocks_swapped_out",
                 "num_blocks_swapped_in",
                 "num_hidden_tokens",
@@ -236,6 +238,8 @@ class Simulator:
                 for request_id in sampled:
                     by_id[request_id].token_times_s.append(emitted_s)
                 for request in finished:
+                    result.max_recomputations_per_request = max(
+                        result.max_recomputations_per_request, request.num_preemptions)
                     t = by_id.pop(request.request_id)
                     result.finish_s[t.index] = emitted_s
                     if on_finish is not None:
