@@ -110,6 +110,11 @@ class ServingConfig:
     # Append one JSON line per engine iteration to this file (batch shape, step time,
     # queues); empty: off. ``bench profile --server`` fits the simulator to it.
     iteration_stats_path: str = ""
+    # Overload protection (TensorRT-LLM's name): at most this many requests may wait, that
+    # is be accepted and never scheduled yet (preempted requests do not count); a request
+    # arriving when that many wait gets an error at once and never enters the scheduler.
+    # 0: unbounded.
+    max_queue_size: int = 0
 
     def __post_init__(self) -> None:
         # The engine loop waits on its inbox with this timeout: a negative one raises in
@@ -119,6 +124,9 @@ class ServingConfig:
                 "cancellation_check_period_ms must be positive, "
                 f"got {self.cancellation_check_period_ms}"
             )
+        if self.max_queue_size < 0:
+            raise ValueError(
+                f"max_queue_size must be >= 0 (0: unbounded), got {self.max_queue_size}")
 
 
 # config.pbtxt parameter name -> (section, field, parser). Names follow TensorRT-LLM's
@@ -161,6 +169,7 @@ _PARAMETERS = {
     "exclude_input_in_output": ("serving", "exclude_input_in_output", _parse_bool),
     "unload_model_on_failure": ("serving", "unload_model_on_failure", _parse_bool),
     "iteration_stats_path": ("serving", "iteration_stats_path", str),
+    "max_queue_size": ("serving", "max_queue_size", int),
 }
 
 

@@ -120,6 +120,8 @@ def test_unknown_name_is_rejected_with_the_known_ones() -> None:
         ("dtype", "float64"),
         ("cancellation_check_period_ms", "soon"),
         ("exclude_input_in_output", "maybe"),
+        ("max_queue_size", "-1"),
+        ("max_queue_size", "1.5"),
     ],
 )
 def test_bad_value_names_the_parameter(name: str, value: str) -> None:
@@ -168,3 +170,16 @@ def test_hidden_cache_can_be_disabled() -> None:
     assert serving_config_from_parameters({}).engine.cache.enable_hidden_cache
     config = serving_config_from_parameters({"enable_hidden_cache": "false"})
     assert not config.engine.cache.enable_hidden_cache
+
+
+def test_max_queue_size_defaults_to_unbounded() -> None:
+    assert serving_config_from_parameters({}).max_queue_size == 0
+    assert serving_config_from_parameters({"max_queue_size": ""}).max_queue_size == 0
+    assert serving_config_from_parameters({"max_queue_size": "16"}).max_queue_size == 16
+
+
+def test_negative_max_queue_size_is_rejected_with_its_name() -> None:
+    with pytest.raises(ValueError, match=r"max_queue_size must be >= 0 \(0: unbounded\), got -4"):
+        serving_config_from_parameters({"max_queue_size": "-4"})
+    with pytest.raises(ValueError, match="max_queue_size"):
+        ServingConfig(max_queue_size=-1)

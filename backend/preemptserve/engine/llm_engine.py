@@ -148,6 +148,9 @@ class LLMEngine:
         self.scheduler: Scheduler = create_scheduler(
             config.scheduler, self.block_manager, cost_model=self.cost_model)
         self._tracked: dict[str, _Tracked] = {}
+        # Requests never scheduled yet (first_scheduled_time_s is None): the queue that
+        # max_queue_size bounds. Kept up to date per step from the batch alone.
+        self._queued: set[str] = set()
         self._num_generated_tokens_total = 0
         self._num_hidden_tokens_total = 0
         self._num_mixed_mode_steps_total = 0
@@ -256,12 +259,14 @@ class LLMEngine:
             sampling=SamplingState.create(sampling, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, sampling.stop),
         )
+        self._queued.add(request_id)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Remove a request (cancelled); its blocks return. None if unknown or done."""
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return None
+        self._queued.discard(request_id)
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         return RequestOutput(
             request_id=request_id, text="", token_ids=[], finished=True,
@@ -284,12 +289,24 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self._tracked)
 
+    def num_queued_requests(self) -> int:
+        """Requests accepted and never scheduled (``first_scheduled_time_s is None``).
+
+        Unlike the scheduler's ``num_waiting`` this leaves out requests preempted after
+        they started: they were served already and hold, or held, KV. This is the queue
+        ``max_queue_size`` bounds.
+        """
+        return len(self._queued)
+
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Schedule, execute and post-process one iteration."""
         timestamp, start = time.time(), time.perf_counter()
         output = self.scheduler.schedule()
+        if self._queued:
+            for item in output.scheduled:  # a request starts when it is first scheduled
+                self._queued.discard(item.request_id)
         results: list[RequestOutput] = []
         states = {item.request_id: self._tracked[item.request_id].sampling
                   for item in output.scheduled if item.sample}

@@ -10,6 +10,18 @@ whatever happens.
 When the engine reports a failure it cannot recover from (a tensor-parallel rank died),
 the loop fails every request in flight, rejects every later one with the reason, and
 calls ``on_failure`` once: the model is unhealthy from then on.
+
+Overload protection (``max_queue_size``, TensorRT-LLM's name): at most that many requests
+may wait, where waiting means accepted and never scheduled (``Request.first_scheduled_time_s
+is None``): submissions still in the inbox plus the engine's never-scheduled requests.
+Requests preempted after they started do not count: they were served already and the
+policy, not the queue, decides when they resume. ``submit`` refuses a request beyond the
+limit at once, in the caller's thread, with ``QueueFullError``: it never reaches the
+inbox, the engine thread or the scheduler. The count is shared under a lock: submitters
+add to the inbox share, the engine thread moves requests from the inbox to the engine and
+publishes the engine's count after every admission and every iteration. Between two
+publications the engine thread only schedules or removes requests, so the published count
+is never below the true one and the limit holds at every instant.
 """
 
 from __future__ import annotations
@@ -27,6 +39,16 @@ from ..engine.iteration_stats import IterationLog
 from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 
 logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """``submit`` refused a request: ``max_queue_size`` requests are waiting already."""
+
+    def __init__(self, max_queue_size: int) -> None:
+        super().__init__(f"request rejected: the queue is full (max_queue_size="
+                         f"{max_queue_size}); retry later")
+        self.max_queue_size = max_queue_size
+
 
 OutputCallback = Callable[[RequestOutput, str | None], None]  # (output, error message)
 
@@ -53,9 +75,13 @@ class EngineLoop:
         stats_period_s: float = 0.1,
         on_failure: Callable[[str], None] | None = None,
         iteration_stats_path: str | None = None,
+        max_queue_size: int = 0,
     ) -> None:
         """``iteration_stats_path``: append one JSON line per engine iteration there
-        (``engine/iteration_stats.py``)."""
+        (``engine/iteration_stats.py``). ``max_queue_size``: most requests waiting (never
+        scheduled) before ``submit`` refuses new ones; 0: unbounded."""
+        if max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be >= 0 (0: unbounded), got {max_queue_size}")
         self.engine = engine
         self._iteration_log = IterationLog(iteration_stats_path) if iteration_stats_path else None
         engine.record_iteration_stats = self._iteration_log is not None
@@ -71,6 +97,13 @@ class EngineLoop:
         # Requests whose final output has not been sent yet, for the cancellation poll.
         self._unsent: dict[str, _Submission] = {}
         self._unsent_lock = threading.Lock()
+        # Admission control, under the lock: submissions in the inbox, and the engine's
+        # never-scheduled requests as the engine thread last published them.
+        self._max_queue_size = max_queue_size
+        self._admission_lock = threading.Lock()
+        self._num_in_inbox = 0
+        self._num_queued_in_engine = 0
+        self._num_rejected = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sender = threading.Thread(target=self._send, name="response-sender", daemon=True)
@@ -89,7 +122,17 @@ class EngineLoop:
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
     ) -> str:
-        """Queue a request; returns its internal id. Never raises for bad input."""
+        """Queue a request; returns its internal id. Never raises for bad input.
+
+        Raises ``QueueFullError`` (nothing else happens: no callback, no trace of the
+        request) when ``max_queue_size`` requests are waiting.
+        """
+        with self._admission_lock:
+            if (self._max_queue_size
+                    and self._num_in_inbox + self._num_queued_in_engine >= self._max_queue_size):
+                self._num_rejected += 1
+                raise QueueFullError(self._max_queue_size)
+            self._num_in_inbox += 1
         request_id = uuid.uuid4().hex
         sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
                           ttft_slo_s, tbt_slo_s)
@@ -101,6 +144,17 @@ class EngineLoop:
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting as the limit counts them (in the inbox, or never scheduled)."""
+        with self._admission_lock:
+            return self._num_in_inbox + self._num_queued_in_engine
+
+    @property
+    def num_rejected_total(self) -> int:
+        """Requests ``submit`` refused because the queue was full."""
+        return self._num_rejected
 
     @property
     def failure(self) -> str | None:
@@ -149,6 +203,7 @@ class EngineLoop:
             if self._on_stats and stats_dirty and due:
                 self._on_stats(self.engine.get_stats())
                 last_stats, stats_dirty = now, not idle
+            self._publish_queued()
         self._fail_all("the model is shutting down")
         if self._iteration_log is not None:
             self._iteration_log.close()
@@ -179,7 +234,20 @@ class EngineLoop:
             except Exception:
                 logger.exception("on_failure callback failed")
 
+    def _publish_queued(self, num_admitted: int = 0) -> None:
+        """Share the engine's never-scheduled count with submitters (engine thread only);
+        ``num_admitted`` submissions left the inbox since the last call."""
+        with self._admission_lock:
+            self._num_in_inbox -= num_admitted
+            self._num_queued_in_engine = self.engine.num_queued_requests()
+
     def _admit(self, sub: _Submission) -> None:
+        try:
+            self._add(sub)
+        finally:  # in the engine or answered: it leaves the inbox's share either way
+            self._publish_queued(num_admitted=1)
+
+    def _add(self, sub: _Submission) -> None:
         if self._failure is not None:
             self._call(sub, _final(sub.request_id, "error"),
                        f"the model is unhealthy: {self._failure}")

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 import preemptserve
 from preemptserve.config import serving_config_from_parameters
 from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
-from preemptserve.serving.engine_loop import EngineLoop
+from preemptserve.serving.engine_loop import EngineLoop, QueueFullError
 from preemptserve.serving.protocol import (
     INPUT_NAMES,
     GenerateRequest,
@@ -53,13 +53,16 @@ class TritonPythonModel:
             on_stats=self.metrics.update,
             on_failure=self._on_engine_failure,
             iteration_stats_path=self.config.iteration_stats_path or None,
+            max_queue_size=self.config.max_queue_size,
         )
         self.loop.start()
         self.logger.log_info(
             f"preemptserve ({preemptserve.__path__[0]}): model {engine.model_dir} on "
             f"{engine.device}, tensor_parallel_size {engine.tensor_parallel_size}, "
             f"policy {self.config.engine.scheduler.policy}, "
-            f"{engine.block_manager.num_blocks} KV blocks, {torch.get_num_threads()} torch threads"
+            f"{engine.block_manager.num_blocks} KV blocks, "
+            f"{torch.get_num_threads()} torch threads, "
+            f"max_queue_size {self.config.max_queue_size or 'unbounded'}"
         )
 
     def _on_engine_failure(self, reason: str) -> None:
@@ -101,9 +104,14 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
                             flags=FINAL)
                 continue
-            self.loop.submit(parsed.prompt, parsed.sampling, _Responder(sender, parsed),
-                             is_cancelled=sender.is_cancelled, ttft_slo_s=parsed.ttft_slo_s,
-                             tbt_slo_s=parsed.tbt_slo_s)
+            try:
+                self.loop.submit(parsed.prompt, parsed.sampling, _Responder(sender, parsed),
+                                 is_cancelled=sender.is_cancelled, ttft_slo_s=parsed.ttft_slo_s,
+                                 tbt_slo_s=parsed.tbt_slo_s)
+            except QueueFullError as exc:  # overloaded: refuse now rather than queue
+                self.metrics.rejected_queue_full.increment(1)
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         return None
 
     def finalize(self):
@@ -191,6 +199,12 @@ class _Metrics:
         mode_tokens = pb_utils.MetricFamily(
             name="preemptserve_cache_mode_tokens_total",
             description="Tokens computed by requests in hidden-cache mode", kind=counter)
+        rejected = pb_utils.MetricFamily(
+            name="preemptserve_requests_rejected_total",
+            description="Requests refused on arrival; reason=queue_full: max_queue_size "
+                        "requests were waiting", kind=counter)
+        # Incremented by execute() as it refuses a request, not from EngineStats.
+        self.rejected_queue_full = rejected.Metric(labels={**labels, "reason": "queue_full"})
         mixed_steps = pb_utils.MetricFamily(
             name="preemptserve_mixed_mode_iterations_total",
             description="Iterations whose batch held requests of both cache modes",
@@ -211,7 +225,7 @@ class _Metrics:
         self._last = {field: 0 for _, field in self._counters}
         # A family must outlive its metrics, or updates fail.
         self._families = (requests, blocks, health, preemptions, recomputations, tokens, swaps,
-                          swap_bytes, swap_seconds, mode_tokens, mixed_steps)
+                          swap_bytes, swap_seconds, mode_tokens, mixed_steps, rejected)
         self.update(stats)
 
     def update(self, stats: EngineStats) -> None:
