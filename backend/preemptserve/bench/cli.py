@@ -13,6 +13,8 @@ Commands (``--help`` on each for its options):
   errors of the simulator's mean and P99 JCT.
 * ``sweep``: a range of arrival rates (simulator or server), SLO attainment per rate and
   the effective throughput.
+* ``matrix``: every policy in the simulator over workloads x loads (multiples of fcfs's
+  measured capacity) x memory regimes; ratios to fcfs and the targets they miss.
 
 Every command writes ``<out>.json``, ``<out>.md`` and PNG plots next to them.
 """
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.scheduler import available_policies
-from . import commands, fidelity
+from . import commands, fidelity, matrix
 from .commands import build_workload
 from .workload import PRESETS
 
@@ -173,6 +175,39 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--backend", choices=["sim", "server"], default="sim")
     sweep.add_argument("--profile", help="cost model (--backend sim)")
     sweep.add_argument("--attainment-target", type=float, default=0.9)
+
+    mat = sub.add_parser("matrix", help="every policy over workloads x loads x memory regimes")
+    g = mat.add_argument_group("grid")
+    g.add_argument("--profile", nargs="+", default=[matrix.REFERENCE_PROFILE],
+                   help="cost models (JSON paths or names in sim/profiles/)")
+    g.add_argument("--workloads", nargs="+", choices=list(matrix.WORKLOADS),
+                   default=list(matrix.WORKLOADS))
+    g.add_argument("--loads", type=float, nargs="+", default=list(matrix.DEFAULT_LOADS),
+                   help="arrival rates as multiples of fcfs's measured capacity")
+    g.add_argument("--regimes", nargs="+", default=list(matrix.DEFAULT_REGIMES),
+                   help="memory regimes (device and host KV) of each profile's table")
+    g.add_argument("--regime-param", action="append", default=[],
+                   metavar="REGIME:KEY=VALUE",
+                   help="a config.pbtxt parameter for one regime (a new name adds a regime)")
+    g.add_argument("--num-requests", type=int, default=2000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-context", type=int, default=4096,
+                   help="clip input + output to this many tokens")
+    g = mat.add_argument_group("engine and run")
+    g.add_argument("--policies", nargs="+", default=None,
+                   help=f"default: every registered policy ({', '.join(available_policies())})"
+                   "; fcfs is always run (the baseline)")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config.pbtxt parameter for every cell (after the workload's "
+                   "engine settings and the regime's memory)")
+    g.add_argument("--policy-param", action="append", default=[], metavar="POLICY:KEY=VALUE")
+    g.add_argument("--jobs", type=int, default=matrix.default_jobs(),
+                   help="simulations in parallel (default: the usable CPUs)")
+    g.add_argument("--slo-ttft-s", type=float, default=2.0)
+    g.add_argument("--slo-tbt-s", type=float, default=0.2)
+    g.add_argument("--out", type=Path, default=RESULTS_DIR / "matrix",
+                   help="output path without extension (.json, .md, .png are added)")
+    g.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -194,5 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": commands.profile,
         "fidelity": fidelity.fidelity,
         "sweep": commands.sweep,
+        "matrix": matrix.matrix,
     }[args.command]
     return handler(args)

@@ -10,6 +10,11 @@ Length statistics (``../shared/design/papers.md``, "Workloads used by the papers
   output mean 500 / median 487 tokens.
 * ``alpaca``: mean input 19 and output 58 tokens (vLLM paper). No median is published
   there; we take median = 0.8 x mean (lognormal sigma 0.67), an assumption.
+* ``conversation`` (long-prompt conversation): input median 1000 / mean 1500, output
+  median 180 / mean 250 tokens. Assumed shapes, stated in the project's issue for the
+  policy matrix; not measured from a dataset.
+* ``code`` (code completion): input median 1500 / mean 2000, output median 30 / mean 50
+  tokens. Assumed shapes from the same issue, not measured.
 
 A lognormal with ``mu = ln(median)`` and ``sigma = sqrt(2 ln(mean / median))`` has that
 mean and median. Lengths are multiplied by ``length_scale`` (to fit a small model's
@@ -72,6 +77,18 @@ PRESETS = {
         LengthDistribution(19, 15.2),
         LengthDistribution(58, 46.4),
         "Alpaca means from the vLLM paper (SOSP'23); median = 0.8 x mean assumed",
+    ),
+    "conversation": LengthPreset(
+        LengthDistribution(1500, 1000),
+        LengthDistribution(250, 180),
+        "long-prompt conversation: assumed shapes from the project's issue (input median "
+        "1000 / mean 1500, output median 180 / mean 250), not measured from a dataset",
+    ),
+    "code": LengthPreset(
+        LengthDistribution(2000, 1500),
+        LengthDistribution(50, 30),
+        "code completion: assumed shapes from the project's issue (input median 1500 / "
+        "mean 2000, output median 30 / mean 50), not measured from a dataset",
     ),
 }
 
