@@ -21,7 +21,10 @@ class SchedulerConfig:
     mlfq_base_quantum_s: float = 0.05
     mlfq_quantum_ratio: float = 2.0
     mlfq_num_queues: int = 6
-    mlfq_starvation_threshold_s: float = 5.0
+    mlfq_starvation_threshold_s: float = 2.0
+    # New jobs start (and may take a running job's place) only while fewer than this
+    # many times max_batch_size jobs hold KV: beyond it, arrivals wait their turn.
+    mlfq_max_started_factor: float = 2.0
     # Share of device KV blocks kept free for arrivals by proactive offload.
     kv_reserve_fraction: float = 0.1
     # Latency objectives (apt schedules for them; requests may override both): a request
@@ -36,6 +39,9 @@ class SchedulerConfig:
             raise ValueError(f"mlfq_num_queues must be >= 1, got {self.mlfq_num_queues}")
         if self.mlfq_starvation_threshold_s <= 0:
             raise ValueError("mlfq_starvation_threshold_ms must be positive")
+        if self.mlfq_max_started_factor < 1:
+            raise ValueError(
+                f"mlfq_max_started_factor must be >= 1, got {self.mlfq_max_started_factor}")
         if not 0.0 <= self.kv_reserve_fraction < 1.0:
             raise ValueError(
                 f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}"
@@ -161,6 +167,7 @@ _PARAMETERS = {
     "mlfq_quantum_ratio": ("scheduler", "mlfq_quantum_ratio", float),
     "mlfq_num_queues": ("scheduler", "mlfq_num_queues", int),
     "mlfq_starvation_threshold_ms": ("scheduler", "mlfq_starvation_threshold_s", _milliseconds),
+    "mlfq_max_started_factor": ("scheduler", "mlfq_max_started_factor", float),
     "ttft_slo_ms": ("scheduler", "ttft_slo_s", _milliseconds),
     "tbt_slo_ms": ("scheduler", "tbt_slo_s", _milliseconds),
     "prefill_profile_path": ("engine", "prefill_profile_path", str),

@@ -71,6 +71,7 @@ class Driver:
         num_queues: int = 4,
         starvation_threshold_s: float = 10.0,
         kv_reserve_fraction: float = 0.0,
+        max_started_factor: float = 100.0,
         profile: PrefillProfile = PROFILE,
         checks_priority: bool = True,
         work_conserving: bool = False,
@@ -84,6 +85,7 @@ class Driver:
             mlfq_num_queues=num_queues,
             mlfq_starvation_threshold_s=starvation_threshold_s,
             kv_reserve_fraction=kv_reserve_fraction,
+            mlfq_max_started_factor=max_started_factor,
         )
         self.clock = FakeClock()
         bm = BlockManager(num_blocks, block_size, num_host_blocks=num_host_blocks)
@@ -160,6 +162,7 @@ class Snapshot:
     num_free_blocks: int
     num_free_host_blocks: int
     num_started_blocks: int  # blocks held in both tiers
+    num_started_jobs: int  # jobs holding blocks in either tier
 
     @classmethod
     def take(cls, scheduler: SkipJoinMLFQScheduler) -> Snapshot:
@@ -175,6 +178,7 @@ class Snapshot:
             num_free_blocks=bm.num_free_blocks,
             num_free_host_blocks=bm.num_free_host_blocks,
             num_started_blocks=bm.num_used_blocks + bm.num_used_host_blocks,
+            num_started_jobs=len(bm.device_owners()) + len(bm.host_owners()),
         )
 
 
@@ -276,7 +280,8 @@ def check_priority(
       was evicted this step, or the blocks it needs (its host blocks reused) exceed
       the blocks free at the start minus what the jobs ahead of it took, or it holds no
       KV at all and starting it would take the blocks of started jobs (both tiers) past
-      the pool outside the reserve.
+      the pool outside the reserve, or the jobs holding KV already number
+      ``max_started_jobs``.
 
     Both bounds only err towards excusing a wait, never towards accusing one. With
     ``work_conserving`` the same explanation is also required of every waiting job when
@@ -310,10 +315,14 @@ def check_priority(
         needed = max(before.host_blocks.get(request_id, 0),
                      bm.blocks_for_tokens(largest_chunk_end(request_id)))
         ahead = sum(taken[r] for r in scheduled if rank[r] < rank[request_id])
-        if request_id not in before.host_blocks and (
-                before.num_started_blocks + ahead + needed
-                > bm.num_blocks - scheduler.reserve_blocks):
-            return False  # the start gate: started work must fit the device pool
+        if request_id not in before.host_blocks:
+            if before.num_started_blocks + ahead + needed > (
+                    bm.num_blocks - scheduler.reserve_blocks):
+                return False  # the start gate: started work must fit the device pool
+            started_ahead = sum(1 for r in scheduled if rank[r] < rank[request_id]
+                                and r not in before.tables and r not in before.host_blocks)
+            if before.num_started_jobs + started_ahead >= scheduler.max_started_jobs:
+                return False  # the start gate: enough jobs hold KV
         return needed <= before.num_free_blocks - ahead
 
     waiting = [r for r in scheduler.requests if r not in scheduled]
@@ -704,6 +713,7 @@ def workloads(draw: st.DrawFn) -> dict:
         "num_queues": draw(st.integers(1, 4)),
         "starvation_threshold_s": draw(st.integers(5, 200)) / 1000,
         "kv_reserve_fraction": draw(st.sampled_from([0.0, 0.1, 0.25, 0.5])),
+        "max_started_factor": draw(st.sampled_from([1.0, 2.0, 100.0])),
         "step_times_s": draw(st.lists(st.integers(1, 20), min_size=1, max_size=8).map(
             lambda halves_ms: [n / 2000 for n in halves_ms])),
         "requests": requests,
@@ -743,6 +753,7 @@ def _workload(requests: list[tuple[str, int, int, int]], **config: object) -> di
         "block_size": 4, "num_blocks": 8, "num_host_blocks": 0, "max_batch_size": 1,
         "max_num_batched_tokens": 64, "base_quantum_s": 0.01, "quantum_ratio": 2.0,
         "num_queues": 4, "starvation_threshold_s": 0.2, "kv_reserve_fraction": 0.0,
+        "max_started_factor": 100.0,
         "step_times_s": [0.001],
     }
     workload.update(config)
@@ -801,3 +812,17 @@ def test_demotion_follows_the_finished_lengths(lengths: list[int], demoted: bool
     driver.run(25)  # 25 ms of service, 24 tokens: past the quantum
     assert (driver.level("job") == 2) == demoted
     assert driver.scheduler.num_demotions_declined == (0 if demoted else 1)
+
+
+def test_new_jobs_wait_once_enough_jobs_hold_kv() -> None:
+    # Batch 1, factor 2: two jobs may hold KV; a third waits although blocks are free.
+    driver = Driver(max_batch_size=1, max_started_factor=2.0)
+    a, b, c = (make_request(r, 4, max_tokens=30) for r in "abc")
+    driver.add(a)
+    driver.run(3)
+    driver.add(b, c)
+    driver.run(30)
+    assert driver.bm.has_blocks("a") and driver.bm.has_blocks("b")
+    assert not driver.bm.has_blocks("c") and driver.bm.num_free_blocks > 8
+    driver.run_to_completion()
+    check_finished(driver, [a, b, c])

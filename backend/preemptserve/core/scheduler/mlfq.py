@@ -57,6 +57,8 @@ class SkipJoinMLFQScheduler(Scheduler):
         self.quanta_s = [cfg.mlfq_base_quantum_s * cfg.mlfq_quantum_ratio**i
                          for i in range(cfg.mlfq_num_queues)]
         self.reserve_blocks = int(cfg.kv_reserve_fraction * self.block_manager.num_blocks)
+        self.max_started_jobs = max(cfg.max_batch_size,
+                                    int(cfg.mlfq_max_started_factor * cfg.max_batch_size))
         self._levels: list[dict[str, _Job]] = [{} for _ in self.quanta_s]
         self._jobs: dict[str, _Job] = {}
         # A dict, not a set: its order decides idle order, and string hashes vary between
@@ -222,9 +224,9 @@ class SkipJoinMLFQScheduler(Scheduler):
     ) -> ScheduledRequest | None:
         """Give ``job`` blocks for ``num_tokens`` more tokens, evicting lower jobs if needed.
 
-        A job that holds no KV (new, or recomputing) starts only in free blocks, and only
-        while the KV of every started job (both tiers) and its own fit in the device
-        pool outside the reserve: it never evicts a started job, so arrivals cannot turn
+        A job that holds no KV (new, or recomputing) starts only in free blocks, only
+        while fewer than ``max_started_jobs`` jobs hold KV, and only while the KV of every
+        started job (both tiers) and its own fit in the device pool outside the reserve: it never evicts a started job, so arrivals cannot turn
         started work into swaps in the forward's path or into recomputation. The host
         tier absorbs the growth of started jobs and the reserve proactive offload keeps;
         it does not hold a backlog of started work that must come back through
@@ -241,9 +243,13 @@ class SkipJoinMLFQScheduler(Scheduler):
         # Blocks on the host come back as part of the table: count the table once.
         needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
                                       request.hidden)
-        starting = not force and not bm.is_on_host(request_id)
+        starting = not force and not bm.has_blocks(request_id) and not bm.is_on_host(
+            request_id)
         if starting and (bm.num_used_blocks + bm.num_used_host_blocks + needed
                          > bm.num_blocks - self.reserve_blocks):
+            return None
+        if starting and (len(bm.device_owners()) + len(bm.host_owners())
+                         >= self.max_started_jobs):
             return None
         if needed > bm.num_free_blocks:
             if starting:
