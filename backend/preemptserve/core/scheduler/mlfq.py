@@ -226,8 +226,10 @@ class SkipJoinMLFQScheduler(Scheduler):
 
         A job that holds no KV (new, or recomputing) starts only in free blocks, only
         while fewer than ``max_started_jobs`` jobs hold KV, and only while the KV of every
-        started job (both tiers) and its own fit in the device pool outside the reserve: it never evicts a started job, so arrivals cannot turn
-        started work into swaps in the forward's path or into recomputation. The host
+        started job (both tiers) and its own fit in the device pool outside the reserve:
+        it never evicts a started job, so arrivals cannot turn started work into swaps in
+        the forward's path or into recomputation, nor grow the started set without
+        bound (round robin over a backlog, worse mean latency than fcfs). The host
         tier absorbs the growth of started jobs and the reserve proactive offload keeps;
         it does not hold a backlog of started work that must come back through
         blocking swap-ins (measured: that backlog cost the A100 profile 18% of its busy
