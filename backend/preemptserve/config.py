@@ -26,7 +26,7 @@ class SchedulerConfig:
     # many times max_batch_size jobs hold KV: beyond it, arrivals wait their turn.
     mlfq_max_started_factor: float = 2.0
     # Share of device KV blocks kept free for arrivals by proactive offload.
-    kv_reserve_fraction: float = 0.1
+    kv_reserve_fraction: float = 0.05
     # Latency objectives (apt schedules for them; requests may override both): a request
     # meets its SLO if its time to first token and its P99 time between tokens are below.
     ttft_slo_s: float = 2.0
