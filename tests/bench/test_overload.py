@@ -58,3 +58,15 @@ def test_no_policy_thrashes_in_overload(cell) -> None:
         assert throughput(result) >= 0.97 * base, (
             f"{policy}: {throughput(result):.0f} tokens/s against fcfs's {base:.0f}")
         assert result.max_recomputations_per_request <= 1, policy
+
+
+def test_the_simulator_refuses_requests_beyond_max_queue_size() -> None:
+    cost = load_profile("llama2-7b-a100")
+    workload = synthetic("sharegpt", 200, 1e6, 1.0, 0, 1.0, 4096)  # 1 us apart
+    params = {"scheduler_policy": "fcfs", "max_batch_size": "16", "max_num_tokens": "2048",
+              "kv_cache_bytes": str(16 * GIB), "max_queue_size": "8"}
+    result = Simulator(SimConfig.from_parameters(params, cost), cost, workload).run()
+    # The first arrives alone and starts at once; the other 199 arrive during its first
+    # iteration and are offered together at the next step: 8 may wait, 191 are refused.
+    assert result.num_queue_full == len(result.rejected) == 191
+    assert len(result.finish_s) == 9

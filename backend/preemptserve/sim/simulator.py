@@ -53,6 +53,9 @@ class SimConfig:
     hidden_tokens_per_block: int = 0
     # Seeds the draws of the cost model's measured iteration-time noise (if it has any).
     noise_seed: int = 0
+    # The serving loop's max_queue_size: requests beyond that many never-scheduled ones
+    # are refused on arrival (counted as rejected). 0: unbounded.
+    max_queue_size: int = 0
 
     @classmethod
     def from_parameters(
@@ -62,7 +65,8 @@ class SimConfig:
         check_invariants: bool = False,
     ) -> SimConfig:
         """The engine's sizes from the same ``config.pbtxt`` parameters the server reads."""
-        engine = serving_config_from_parameters(parameters).engine
+        serving = serving_config_from_parameters(parameters)
+        engine = serving.engine
         if cost_model.kv_bytes_per_token <= 0:
             raise ValueError("the cost model has no kv_bytes_per_token to size the pools")
         block_bytes = engine.cache.block_size * cost_model.kv_bytes_per_token
@@ -82,6 +86,7 @@ class SimConfig:
             hidden_tokens_per_block=(2 * engine.cache.block_size
                                      if cost_model.hidden_recompute_s_per_block is not None
                                      and engine.cache.enable_hidden_cache else 0),
+            max_queue_size=serving.max_queue_size,
         )
 
 
@@ -108,6 +113,7 @@ class SimResult:
     num_recomputations: int = 0
     num_recomputed_tokens: int = 0  # tokens whose K/V were dropped and computed again
     max_recomputations_per_request: int = 0
+    num_queue_full: int = 0  # refused by max_queue_size (also in ``rejected``)
     num_blocks_swapped_out: int = 0
     num_blocks_swapped_in: int = 0
     num_hidden_tokens: int = 0  # tokens computed in hidden-cache mode (the server's counter)
@@ -137,6 +143,7 @@ class SimResult:
                 "num_recomputations",
                 "num_recomputed_tokens",
                 "max_recomputations_per_request",
+                "num_queue_full",
                 "num_blocks_swapped_out",
                 "num_blocks_swapped_in",
                 "num_hidden_tokens",
@@ -259,7 +266,14 @@ class Simulator:
     def _admit(
         self, spec: Any, tracked: list[_Tracked], by_id: dict[str, _Tracked], result: SimResult
     ) -> None:
-        """``LLMEngine.add_request``'s checks, then the scheduler's."""
+        """The serving loop's queue limit, ``LLMEngine.add_request``'s checks, then the
+        scheduler's."""
+        max_queue_size = self.config.max_queue_size
+        if max_queue_size and sum(1 for r in self.scheduler.requests.values()
+                                  if r.first_scheduled_time_s is None) >= max_queue_size:
+            result.rejected.append(spec.index)
+            result.num_queue_full += 1
+            return
         max_len = self.config.max_model_len
         if max_len is not None and spec.input_tokens + spec.output_tokens > max_len:
             result.rejected.append(spec.index)
