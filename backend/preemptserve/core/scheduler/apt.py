@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..cost_model import CostModel
-from ..request import CacheMode, Request
+from ..request import CacheMode, Request, RequestStatus
 from .base import Scheduler
 from .knapsack import Option, choose
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .registry import register_policy
+from .service import OutputLengthHistory
 
 # The value of a request that already missed its SLO, relative to its pending time.
 LOST_VALUE_SCALE = 1e-6
@@ -78,6 +79,7 @@ class AptScheduler(Scheduler):
         self.num_prefill_steps = self.num_decode_steps = 0
         self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0
+        self.output_lengths = OutputLengthHistory()
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -121,6 +123,13 @@ class AptScheduler(Scheduler):
         lost = request_id in self._lost or (
             not request.output_token_ids and pending_s > self._ttft_slo_s(request))
         return pending_s * LOST_VALUE_SCALE if lost else pending_s
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        request = super().finish_request(request_id, status)
+        if request is not None and status in (RequestStatus.FINISHED_STOPPED,
+                                              RequestStatus.FINISHED_LENGTH):
+            self.output_lengths.observe(request.num_output_tokens)
+        return request
 
     def update_from_output(self, output, sampled_token_ids, step_time_s=None):  # type: ignore[no-untyped-def]
         finished = super().update_from_output(output, sampled_token_ids, step_time_s)
@@ -200,9 +209,20 @@ class AptScheduler(Scheduler):
         # U: the decode batch a hidden request slows down, itself included.
         penalty = min(num_decodes + 1, self.config.max_batch_size) * (
             self.recompute_s_per_block * kv_blocks)
+        # The slowdown lasts as long as the request decodes, not one step: charged over
+        # its expected remaining output (by the finished requests' lengths; one step
+        # while fewer than min_samples are known, as in the paper).
+        remaining = self.output_lengths.mean_residual_tokens(request.num_output_tokens) if (
+            len(self.output_lengths) >= self.output_lengths.min_samples) else None
+        penalty *= max(1.0, remaining or 1.0)
         hidden = Option(CacheMode.HIDDEN, bm.blocks_for_tokens(num_tokens, True),
                         max(value - penalty, value * LOST_VALUE_SCALE))
-        return [hidden] if has_cache else [Option(CacheMode.KV, kv_blocks, value), hidden]
+        if has_cache:
+            return [hidden]
+        kv = Option(CacheMode.KV, kv_blocks, value)
+        # Hidden mode costs the other decodes more than it gains this request: not offered
+        # (the paper floors it at the lost value, so it was taken whenever K/V did not fit).
+        return [kv, hidden] if value > penalty else [kv]
 
     def _decode_step(self, decodes: list[Request], values: dict[str, float],
                      plan: _Plan) -> None:
