@@ -18,6 +18,14 @@ Every iteration is either a *prefill step* (requests without a complete prefill)
 Beyond the paper's vLLM prototype, a request that loses its place keeps its cache on the
 device while it fits, and is swapped to the host tier (or, host full, preempted by
 recomputation) only when a chosen request needs its blocks.
+
+Departures measured in docs/overload.md: pending time is floored above zero (a request
+served at this instant stays a candidate); decode steps weigh resident decodes and bring
+swapped-out ones back only into free blocks; a request without a cache is admitted only
+while the started requests (both tiers) number at most a batch and fit the device pool;
+a prefill step carries the resident decodes that fit; the hidden option charges its
+slowdown over the request's expected remaining output and is offered only when it gains
+more than it costs.
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ while it fits; proactive offload keeps a reserve of free device blocks by swappi
 jobs with the largest estimated next scheduled time (ENST) to host memory, and prefetches
 the smallest-ENST jobs back when there is room, never in a round that swapped out.
 Recomputation is the fallback only when the host tier is full.
+
+Departures from the paper, so that preemption never costs more than it gains (each one
+measured in docs/overload.md): a job is demoted at the end of a quantum only if the
+finished requests' output lengths say it will outlast a new job (``service.py``); a
+promoted job keeps its level until it finishes; a job without KV starts only in free
+blocks, while the started jobs (both tiers) fit the device pool outside the reserve and
+number fewer than ``mlfq_max_started_factor x max_batch_size``.
 """
 
 from __future__ import annotations
@@ -232,8 +239,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         bound (round robin over a backlog, worse mean latency than fcfs). The host
         tier absorbs the growth of started jobs and the reserve proactive offload keeps;
         it does not hold a backlog of started work that must come back through
-        blocking swap-ins (measured: that backlog cost the A100 profile 18% of its busy
-        time in swaps and 3-4.5x fcfs's mean JCT on a memory-bound workload).
+        blocking swap-ins (docs/overload.md has the measurements).
         """
         bm = self.block_manager
         request = job.request
