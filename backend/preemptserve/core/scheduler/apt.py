@@ -35,6 +35,7 @@ from typing import Protocol
 
 from ..cost_model import CostModel
 from ..request import CacheMode, Request, RequestStatus
+from .arrivals import WaitingArrivals
 from .base import Scheduler
 from .knapsack import Option, choose
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
@@ -43,6 +44,8 @@ from .service import OutputLengthHistory
 
 # The value of a request that already missed its SLO, relative to its pending time.
 LOST_VALUE_SCALE = 1e-6
+# New requests the prefill knapsack weighs per batch slot left for them.
+NEW_CANDIDATES_PER_SLOT = 4
 # The least pending time a request has (seconds).
 MIN_PENDING_S = 1e-6
 # Share of a request's time-between-tokens gaps allowed over the TBT SLO (its P99).
@@ -87,6 +90,11 @@ class AptScheduler(Scheduler):
         self.num_prefill_steps = self.num_decode_steps = 0
         self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0
+        self._num_decodes = 0  # decodable requests in the step being planned
+        # Requests that have never run, apart (their values are summed without a pass
+        # over them), and the ones that have, in the order they started.
+        self._arrivals = WaitingArrivals()
+        self._started: dict[str, Request] = {}
         self.output_lengths = OutputLengthHistory()
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -106,10 +114,13 @@ class AptScheduler(Scheduler):
         self._arrival_s[request_id] = now
         self._last_token_s[request_id] = now
         self._num_tbt_misses[request_id] = 0
+        self._arrivals.add(request, now, now + self._ttft_slo_s(request))
 
     def _remove(self, request: Request) -> None:
         request_id = request.request_id
         self._requests.pop(request_id, None)
+        self._arrivals.remove(request_id)
+        self._started.pop(request_id, None)
         self._running.discard(request_id)
         for table in (self._arrival_s, self._last_token_s, self._num_tbt_misses):
             table.pop(request_id, None)
@@ -167,8 +178,10 @@ class AptScheduler(Scheduler):
         decodes: list[Request] = []
         prefills: list[Request] = []
         decode_value = prefill_value = 0.0
-        # One pass over every request each iteration: keep it lean.
-        for request_id, request in self._requests.items():
+        # One pass over the requests that have run: keep it lean. Those that have not are
+        # summed without a pass, and only the most valuable of them are candidates.
+        self._arrivals.expire(now)
+        for request_id, request in self._started.items():
             value = values[request_id] = self.value(request, now)
             computed = request.num_computed_tokens
             if computed and computed + 1 == (len(request.prompt_token_ids)
@@ -178,7 +191,17 @@ class AptScheduler(Scheduler):
             else:
                 prefills.append(request)
                 prefill_value += value
+        prefill_value += self._arrivals.summed_pending_s(now, LOST_VALUE_SCALE)
+        # At most a batch of requests hold a cache, so at most that many new ones can
+        # start: the knapsack weighs the most valuable new ones, a few times the room.
+        room = self.config.max_batch_size - len(bm.device_owners()) - len(bm.host_owners())
+        if room > 0 or not (decodes or prefills):
+            for request in self._arrivals.most_valuable(NEW_CANDIDATES_PER_SLOT
+                                                        * max(room, 1)):
+                values[request.request_id] = self.value(request, now)
+                prefills.append(request)
         plan = _Plan()
+        self._num_decodes = len(decodes)
         decode_first = decode_value > prefill_value
         for step in ((self._decode_step, self._prefill_step) if decode_first
                      else (self._prefill_step, self._decode_step)):
@@ -193,6 +216,10 @@ class AptScheduler(Scheduler):
             # ride along instead (as chunked-prefill engines run them).
             self._carry_resident_decodes(decodes, plan)
 
+        for request_id in plan.selected:
+            if request_id in self._arrivals:
+                self._arrivals.remove(request_id)
+                self._started[request_id] = self._requests[request_id]
         # A request left out of one step keeps its cache and its place: only one that
         # lost its device cache (swapped out or dropped) counts as preempted.
         self.num_preemptions_total += len(plan.evicted)
@@ -310,8 +337,7 @@ class AptScheduler(Scheduler):
         bm = self.block_manager
         if not prefills:
             return
-        num_decodes = sum(1 for r in self._requests.values()
-                          if r.num_computed_tokens and r.num_uncomputed_tokens == 1)
+        num_decodes = self._num_decodes
         resident_decodes = sum(1 for rid in bm.device_owners()
                                if self._requests[rid].num_uncomputed_tokens == 1)
         # Resident decoders keep room to grow by a block each; their blocks are not ours.
