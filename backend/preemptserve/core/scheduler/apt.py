@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..cost_model import CostModel
-from ..request import CacheMode, Request, RequestStatus
+from ..request import CacheMode, Request
 from .arrivals import WaitingArrivals
 from .base import Scheduler
 from .knapsack import Option, choose
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .registry import register_policy
-from .service import OutputLengthHistory
 
 # The value of a request that already missed its SLO, relative to its pending time.
 LOST_VALUE_SCALE = 1e-6
@@ -95,7 +94,6 @@ class AptScheduler(Scheduler):
         # over them), and the ones that have, in the order they started.
         self._arrivals = WaitingArrivals()
         self._started: dict[str, Request] = {}
-        self.output_lengths = OutputLengthHistory()
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -143,12 +141,6 @@ class AptScheduler(Scheduler):
             not request.output_token_ids and pending_s > self._ttft_slo_s(request))
         return pending_s * LOST_VALUE_SCALE if lost else pending_s
 
-    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        request = super().finish_request(request_id, status)
-        if request is not None and status in (RequestStatus.FINISHED_STOPPED,
-                                              RequestStatus.FINISHED_LENGTH):
-            self.output_lengths.observe(request.num_output_tokens)
-        return request
 
     def update_from_output(self, output, sampled_token_ids, step_time_s=None):  # type: ignore[no-untyped-def]
         finished = super().update_from_output(output, sampled_token_ids, step_time_s)

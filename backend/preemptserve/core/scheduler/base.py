@@ -22,6 +22,7 @@ from ..block_manager import BlockManager
 from ..cost_model import CostModel
 from ..request import Request, RequestStatus
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from .service import OutputLengthHistory
 
 Clock = Callable[[], float]
 
@@ -55,6 +56,9 @@ class Scheduler(ABC):
         self.num_recomputed_tokens_total = 0
         # Requests and blocks moved between tiers by policies that swap.
         self.num_swap_outs = self.num_swap_ins = 0
+        # Output lengths of recently finished requests (stopped or at max_tokens; not
+        # cancelled): what policies may expect of a running request's remaining output.
+        self.output_lengths = OutputLengthHistory()
         self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
         self._step_id = 0
 
@@ -84,6 +88,8 @@ class Scheduler(ABC):
         self._remove(request)
         self.block_manager.free(request_id)
         request.status = status
+        if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.output_lengths.observe(request.num_output_tokens)
         return request
 
     def has_unfinished(self) -> bool:

@@ -31,7 +31,6 @@ from ..request import Request, RequestStatus
 from .base import Scheduler
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .registry import register_policy
-from .service import OutputLengthHistory
 
 
 @dataclass(eq=False)
@@ -75,7 +74,6 @@ class SkipJoinMLFQScheduler(Scheduler):
         self._idle_since: dict[str, float] = {}
         self._seq = itertools.count()
         self.num_promotions = self.num_demotions = self.num_demotions_declined = 0
-        self.output_lengths = OutputLengthHistory()
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -345,12 +343,6 @@ class SkipJoinMLFQScheduler(Scheduler):
                 job.attained_s = 0.0
                 self.num_demotions_declined += 1
 
-    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        request = super().finish_request(request_id, status)
-        if request is not None and status in (RequestStatus.FINISHED_STOPPED,
-                                              RequestStatus.FINISHED_LENGTH):
-            self.output_lengths.observe(request.num_output_tokens)
-        return request
 
 
 @dataclass
