@@ -584,24 +584,23 @@ def test_an_arrival_never_recomputes_started_work() -> None:
 
 
 def test_started_work_must_fit_the_device_pool_for_a_new_job_to_start() -> None:
-    # 16 blocks, reserve 4: the idle job's 6 blocks plus busy's 7 leave room for a
-    # 2-block arrival only outside the reserve while busy is small; once busy has grown,
-    # a new job waits although free blocks would hold it.
+    # 16 blocks, reserve 4: started work may hold 12. a (Q2, 7 blocks) and b (Q0, 3)
+    # hold 10; c (Q1) needs 3 and 6 are free, and it ranks above a, yet it waits: 13 > 12.
     driver = Driver(num_blocks=16, num_host_blocks=32, max_batch_size=2,
                     kv_reserve_fraction=0.25)
-    idle = make_request("idle", 24, max_tokens=2)  # Q2, 6 blocks
-    busy = make_request("busy", 8, max_tokens=20)  # Q0, grows to 7 blocks
-    driver.add(idle, busy)
-    driver.run(12)
-    new = make_request("new", 8, max_tokens=2)
-    driver.add(new)
+    a, b = make_request("a", 24, max_tokens=12), make_request("b", 8, max_tokens=12)
+    driver.add(a, b)
+    driver.run(2)
     bm = driver.bm
-    started = bm.num_used_blocks + bm.num_used_host_blocks
+    assert (driver.level("a"), driver.level("b")) == (2, 0)
+    assert bm.num_used_blocks + bm.num_used_host_blocks == 10 and bm.num_free_blocks == 6
+    c = make_request("c", 12, max_tokens=2)
+    driver.add(c)
+    assert driver.level("c") == 1
     output = driver.step()
-    fits = started + 2 <= 16 - 4
-    assert ("new" in scheduled_ids(output)) == fits
+    assert scheduled_ids(output) == ["b", "a"] and not output.swap_out
     driver.run_to_completion()
-    check_finished(driver, [idle, busy, new])
+    check_finished(driver, [a, b, c])
 
 
 def test_proactive_offload_keeps_the_reserve_free() -> None:
