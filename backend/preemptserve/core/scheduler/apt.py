@@ -40,15 +40,10 @@ from .base import Scheduler
 from .knapsack import Option, choose
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .registry import register_policy
+from .slo import LOST_VALUE_SCALE, SLOTracker
 
-# The value of a request that already missed its SLO, relative to its pending time.
-LOST_VALUE_SCALE = 1e-6
 # New requests the prefill knapsack weighs per batch slot left for them.
 NEW_CANDIDATES_PER_SLOT = 4
-# The least pending time a request has (seconds).
-MIN_PENDING_S = 1e-6
-# Share of a request's time-between-tokens gaps allowed over the TBT SLO (its P99).
-TBT_MISS_FRACTION = 0.01
 
 
 class HybridCostModel(CostModel, Protocol):
@@ -82,10 +77,7 @@ class AptScheduler(Scheduler):
         # Every unfinished request, in arrival order.
         self._requests: dict[str, Request] = {}
         self._running: set[str] = set()
-        self._arrival_s: dict[str, float] = {}
-        self._last_token_s: dict[str, float] = {}
-        self._num_tbt_misses: dict[str, int] = {}
-        self._lost: set[str] = set()
+        self._slo = SLOTracker(self.config.ttft_slo_s, self.config.tbt_slo_s)
         self.num_prefill_steps = self.num_decode_steps = 0
         self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0
@@ -106,13 +98,10 @@ class AptScheduler(Scheduler):
         return len(self._running)
 
     def _enqueue_new(self, request: Request) -> None:
-        request_id = request.request_id
-        self._requests[request_id] = request
+        self._requests[request.request_id] = request
         now = self.clock()
-        self._arrival_s[request_id] = now
-        self._last_token_s[request_id] = now
-        self._num_tbt_misses[request_id] = 0
-        self._arrivals.add(request, now, now + self._ttft_slo_s(request))
+        self._slo.add(request, now)
+        self._arrivals.add(request, now, now + self._slo.ttft_slo_s(request))
 
     def _remove(self, request: Request) -> None:
         request_id = request.request_id
@@ -120,44 +109,19 @@ class AptScheduler(Scheduler):
         self._arrivals.remove(request_id)
         self._started.pop(request_id, None)
         self._running.discard(request_id)
-        for table in (self._arrival_s, self._last_token_s, self._num_tbt_misses):
-            table.pop(request_id, None)
-        self._lost.discard(request_id)
-
-    def _ttft_slo_s(self, request: Request) -> float:
-        return request.ttft_slo_s if request.ttft_slo_s is not None else self.config.ttft_slo_s
-
-    def _tbt_slo_s(self, request: Request) -> float:
-        return request.tbt_slo_s if request.tbt_slo_s is not None else self.config.tbt_slo_s
+        self._slo.remove(request_id)
 
     def value(self, request: Request, now: float) -> float:
         """Pending time, scaled down once the request can no longer meet its SLO."""
-        request_id = request.request_id
-        # Floored above zero: a request that got its token at this very instant (the
-        # simulator's clock) must stay a candidate, or the knapsack drops it and the
-        # batch rotates to whoever sat out the last step.
-        pending_s = max(now - self._last_token_s[request_id], MIN_PENDING_S)
-        lost = request_id in self._lost or (
-            not request.output_token_ids and pending_s > self._ttft_slo_s(request))
-        return pending_s * LOST_VALUE_SCALE if lost else pending_s
-
+        return self._slo.value(request, now)
 
     def update_from_output(self, output, sampled_token_ids, step_time_s=None):  # type: ignore[no-untyped-def]
         finished = super().update_from_output(output, sampled_token_ids, step_time_s)
         now = self.clock()
         for request_id in sampled_token_ids:
             request = self._requests.get(request_id)
-            if request is None:
-                continue  # finished in this step
-            if request.num_output_tokens == 1:
-                if now - self._arrival_s[request_id] > self._ttft_slo_s(request):
-                    self._lost.add(request_id)
-            elif now - self._last_token_s[request_id] > self._tbt_slo_s(request):
-                self._num_tbt_misses[request_id] += 1
-                allowed = TBT_MISS_FRACTION * (request.sampling.max_tokens - 1)
-                if self._num_tbt_misses[request_id] > allowed:
-                    self._lost.add(request_id)
-            self._last_token_s[request_id] = now
+            if request is not None:  # else finished in this step
+                self._slo.record_token(request, now)
         return finished
 
     # -- the plan ------------------------------------------------------------------------
@@ -203,9 +167,9 @@ class AptScheduler(Scheduler):
         if not plan.selected and self._requests:
             self._force_one(decodes or prefills, values, plan)
         elif not decode_first:
-            # Apt-Serve's prefill steps stall every decode; on the A100 profile with long
-            # prompts that cost 25% of fcfs's throughput in overload. Resident decodes
-            # ride along instead (as chunked-prefill engines run them).
+            # Apt-Serve's prefill steps stall every decode (with long prompts a large
+            # share of the throughput; docs/overload.md). Resident decodes ride along
+            # instead, as chunked-prefill engines run them.
             self._carry_resident_decodes(decodes, plan)
 
         for request_id in plan.selected:
@@ -268,9 +232,7 @@ class AptScheduler(Scheduler):
         # The knapsack weighs the decodes holding device blocks; a swapped-out decode comes
         # back only into blocks left free, never by evicting a resident one. Pending-time
         # values otherwise rotate the batch (whoever sat out the last step is now the most
-        # valuable), and every rotation is a swap out and a swap in: on the A100 profile's
-        # long-prompt workload in tight memory, 5,858 swap-outs for 500 requests and 41%
-        # of fcfs's throughput.
+        # valuable), and every rotation is a swap out and a swap in (docs/overload.md).
         resident = [r for r in decodes if bm.has_blocks(r.request_id)]
         swapped = [r for r in decodes if not bm.has_blocks(r.request_id)]
         resident_ids = {r.request_id for r in resident}
@@ -337,9 +299,7 @@ class AptScheduler(Scheduler):
         # A request without a cache starts only while started work (both tiers) and its
         # own blocks fit the device pool: blocks held on the host count too, so that
         # admitting prefills never leaves a backlog of started requests that only rotate
-        # through the device by swapping (measured on the A100 profile, long-prompt
-        # workload: 45,000 swap-outs for 600 requests and 6% of fcfs's throughput
-        # without this bound).
+        # through the device by swapping (docs/overload.md).
         start_capacity = (bm.num_blocks - bm.num_used_blocks - bm.num_used_host_blocks
                           - resident_decodes)
         candidates = {}
