@@ -24,24 +24,12 @@ POLICIES = ("fcfs", "skip_join_mlfq", "apt")
 
 def simulate(workload_name: str, rate: float, batch: int, tokens: int, policy: str):
     cost = load_profile("llama2-7b-a100")
-    workload = synthetic(workload_name, 300, rate, 1.0, 0, 1.0, 4096) if workload_name != (
-        "code") else _code_workload(rate)
+    workload = synthetic(workload_name, 300, rate, 1.0, 0, 1.0, 4096)
     params = {"scheduler_policy": policy, "max_batch_size": str(batch),
               "max_num_tokens": str(tokens), "kv_cache_bytes": str(16 * GIB),
               "kv_cache_host_memory_bytes": str(64 * GIB)}
     config = SimConfig.from_parameters(params, cost, check_invariants=False)
     return Simulator(config, cost, workload).run()
-
-
-def _code_workload(rate: float):
-    # Long inputs, short outputs (code completion): input median 1,500 / mean 2,000,
-    # output median 30 / mean 50.
-    from preemptserve.bench.workload import PRESETS, LengthDistribution, LengthPreset
-
-    if "code" not in PRESETS:
-        PRESETS["code"] = LengthPreset(LengthDistribution(2000, 1500),
-                                       LengthDistribution(50, 30), "code completion")
-    return synthetic("code", 300, rate, 1.0, 0, 1.0, 4096)
 
 
 def throughput(result) -> float:
