@@ -60,13 +60,18 @@ class BlockSwap:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """Which requests run this iteration, which lost their place, and what moves tiers."""
+    """Which requests run this iteration, which lost their place, and what moves tiers.
+
+    ``finished_ids``: requests that left the scheduler since the previous plan (finished,
+    aborted, handed to another engine): executors drop whatever they keep per request.
+    """
 
     step_id: int
     scheduled: tuple[ScheduledRequest, ...]
     preempted_ids: tuple[str, ...] = ()
     swap_out: tuple[BlockSwap, ...] = ()
     swap_in: tuple[BlockSwap, ...] = ()
+    finished_ids: tuple[str, ...] = ()
 
     @property
     def num_batched_tokens(self) -> int:
