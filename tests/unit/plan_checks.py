@@ -21,7 +21,7 @@ def check_scheduled_items(scheduler: Scheduler, output: SchedulerOutput) -> list
         assert item.context_len <= request.num_tokens
         assert list(item.token_ids) == request.token_ids(item.start_position, item.context_len)
         assert item.sample == (item.context_len == request.num_tokens)
-        assert list(item.block_ids) == bm.block_table(item.request_id)
+        assert list(item.block_ids) == list(bm.block_ids(item.request_id))
         assert len(item.block_ids) == bm.blocks_for_tokens(item.context_len, item.hidden)
         assert item.hidden == request.hidden == bm.is_hidden(item.request_id)
     return ids

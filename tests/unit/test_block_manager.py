@@ -44,7 +44,7 @@ def test_fresh_manager_is_all_free() -> None:
 def test_allocate_covers_tokens() -> None:
     bm = make_manager(num_blocks=8, block_size=4)
     assert bm.allocate("a", 9)
-    table = bm.block_table("a")
+    table = list(bm.block_ids("a"))
     assert len(table) == 3
     assert len(set(table)) == 3
     assert all(0 <= b < 8 for b in table)
@@ -56,15 +56,15 @@ def test_allocate_covers_tokens() -> None:
 def test_allocate_is_all_or_nothing() -> None:
     bm = make_manager(num_blocks=4, block_size=4)
     assert bm.allocate("a", 8)  # 2 blocks
-    before = (bm.block_table("a"), bm.num_free_blocks)
+    before = (list(bm.block_ids("a")), bm.num_free_blocks)
     assert not bm.can_allocate("b", 12)
     assert not bm.allocate("b", 12)  # needs 3, only 2 free
     assert not bm.has_blocks("b")
-    assert bm.block_table("b") == []
-    assert (bm.block_table("a"), bm.num_free_blocks) == before
+    assert list(bm.block_ids("b")) == []
+    assert (list(bm.block_ids("a")), bm.num_free_blocks) == before
     # A failed growth leaves the existing table untouched too.
     assert not bm.allocate("a", 8 + 3 * 4)
-    assert (bm.block_table("a"), bm.num_free_blocks) == before
+    assert (list(bm.block_ids("a")), bm.num_free_blocks) == before
     bm.check_invariants()
 
 
@@ -79,34 +79,34 @@ def test_allocate_exactly_the_whole_pool() -> None:
 def test_growth_adds_blocks_only_at_boundaries() -> None:
     bm = make_manager(num_blocks=8, block_size=4)
     assert bm.allocate("a", 1)
-    first = bm.block_table("a")
+    first = list(bm.block_ids("a"))
     assert len(first) == 1
     for num_tokens in (2, 3, 4):
         assert bm.num_blocks_needed("a", num_tokens) == 0
         assert bm.allocate("a", num_tokens)
-        assert bm.block_table("a") == first
+        assert list(bm.block_ids("a")) == first
     assert bm.num_blocks_needed("a", 5) == 1
     assert bm.allocate("a", 5)
-    table = bm.block_table("a")
+    table = list(bm.block_ids("a"))
     assert table[:1] == first and len(table) == 2
     # Asking for fewer tokens than covered never shrinks the table.
     assert bm.allocate("a", 1)
-    assert bm.block_table("a") == table
+    assert list(bm.block_ids("a")) == table
     bm.check_invariants()
 
 
 def test_block_table_is_a_copy() -> None:
     bm = make_manager()
     bm.allocate("a", 4)
-    bm.block_table("a").append(99)
-    assert len(bm.block_table("a")) == 1
+    list(bm.block_ids("a")).append(99)
+    assert len(list(bm.block_ids("a"))) == 1
     bm.check_invariants()
 
 
 def test_allocate_zero_tokens_registers_an_empty_table() -> None:
     bm = make_manager()
     assert bm.allocate("a", 0)
-    assert bm.block_table("a") == []
+    assert list(bm.block_ids("a")) == []
     assert bm.num_free_blocks == bm.num_blocks
     assert bm.free("a") == 0
     bm.check_invariants()
@@ -132,10 +132,10 @@ def test_free_returns_every_block() -> None:
 def test_freed_blocks_are_reused() -> None:
     bm = make_manager(num_blocks=2, block_size=4)
     bm.allocate("a", 8)
-    blocks = set(bm.block_table("a"))
+    blocks = set(list(bm.block_ids("a")))
     bm.free("a")
     assert bm.allocate("b", 8)
-    assert set(bm.block_table("b")) == blocks
+    assert set(list(bm.block_ids("b"))) == blocks
     bm.check_invariants()
 
 
@@ -152,7 +152,7 @@ def test_free_unknown_or_twice_is_a_no_op() -> None:
 def test_double_free_of_a_block_is_detected() -> None:
     bm = make_manager()
     bm.allocate("a", 4)
-    (block_id,) = bm.block_table("a")
+    (block_id,) = list(bm.block_ids("a"))
     # Simulate a bookkeeping bug: the block's count already dropped to zero.
     bm._ref_counts[block_id] = 0
     with pytest.raises(AssertionError, match="double free"):
@@ -172,7 +172,7 @@ def test_invariants_catch_block_in_free_list_twice() -> None:
 def test_invariants_catch_wrong_ref_count() -> None:
     bm = make_manager()
     bm.allocate("a", 4)
-    (block_id,) = bm.block_table("a")
+    (block_id,) = list(bm.block_ids("a"))
     bm._ref_counts[block_id] = 2
     with pytest.raises(AssertionError, match="ref count"):
         bm.check_invariants()
@@ -189,7 +189,7 @@ def test_invariants_catch_block_owned_twice() -> None:
 def test_invariants_catch_owned_block_still_free() -> None:
     bm = make_manager()
     bm.allocate("a", 4)
-    (block_id,) = bm.block_table("a")
+    (block_id,) = list(bm.block_ids("a"))
     bm._free.append(block_id)
     with pytest.raises(AssertionError):
         bm.check_invariants()
@@ -206,7 +206,7 @@ def test_invariants_catch_table_dropped_without_free() -> None:
 def test_invariants_catch_leak() -> None:
     bm = make_manager()
     bm.allocate("a", 4)
-    (block_id,) = bm.block_table("a")
+    (block_id,) = list(bm.block_ids("a"))
     del bm._tables["a"]
     bm._ref_counts[block_id] = 0  # neither owned nor free
     with pytest.raises(AssertionError, match="leak"):
@@ -231,13 +231,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @rule(request_id=st.sampled_from(REQUEST_IDS), num_tokens=st.integers(0, 120))
     def allocate(self, request_id: str, num_tokens: int) -> None:
-        old_table = self.bm.block_table(request_id)
+        old_table = list(self.bm.block_ids(request_id))
         num_free = self.bm.num_free_blocks
         needed = max(0, self._expected_blocks(num_tokens) - len(old_table))
         assert self.bm.can_allocate(request_id, num_tokens) == (needed <= num_free)
         ok = self.bm.allocate(request_id, num_tokens)
         assert ok == (needed <= num_free)
-        new_table = self.bm.block_table(request_id)
+        new_table = list(self.bm.block_ids(request_id))
         if ok:
             assert new_table[: len(old_table)] == old_table
             assert len(new_table) == len(old_table) + needed
@@ -255,7 +255,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @rule(request_id=st.sampled_from(REQUEST_IDS))
     def free(self, request_id: str) -> None:
-        num_owned = len(self.bm.block_table(request_id))
+        num_owned = len(list(self.bm.block_ids(request_id)))
         num_free = self.bm.num_free_blocks
         assert self.bm.free(request_id) == num_owned
         assert self.bm.num_free_blocks == num_free + num_owned
@@ -266,9 +266,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def consistent(self) -> None:
         self.bm.check_invariants()
         for request_id, num_tokens in self.covered.items():
-            assert len(self.bm.block_table(request_id)) == self._expected_blocks(num_tokens)
+            assert len(list(self.bm.block_ids(request_id))) == self._expected_blocks(num_tokens)
         assert sorted(self.bm.owners()) == sorted(self.covered)
-        owned = sum(len(self.bm.block_table(r)) for r in self.bm.owners())
+        owned = sum(len(list(self.bm.block_ids(r))) for r in self.bm.owners())
         assert owned == self.bm.num_used_blocks
 
     def teardown(self) -> None:

@@ -24,7 +24,7 @@ def make_manager(
 def snapshot(bm: BlockManager) -> tuple:
     """Everything observable, to assert that a refused operation changed nothing."""
     return (
-        {r: bm.block_table(r) for r in bm.device_owners()},
+        {r: list(bm.block_ids(r)) for r in bm.device_owners()},
         {r: bm.num_host_blocks_of(r) for r in bm.host_owners()},
         bm.num_free_blocks,
         bm.num_pending_blocks,
@@ -54,7 +54,7 @@ def test_fresh_host_tier_is_all_free() -> None:
 def test_swap_out_pairs_each_device_block_with_a_host_block() -> None:
     bm = make_manager()
     assert bm.allocate("a", 10)  # 3 blocks
-    table = bm.block_table("a")
+    table = list(bm.block_ids("a"))
     pairs = bm.swap_out("a")
     assert pairs is not None
     assert [device for device, _ in pairs] == table  # logical order kept
@@ -71,7 +71,7 @@ def test_swap_out_pairs_each_device_block_with_a_host_block() -> None:
 def test_swapped_out_blocks_are_pending_until_commit() -> None:
     bm = make_manager(num_blocks=4)
     assert bm.allocate("a", 16)  # the whole device pool
-    table = bm.block_table("a")
+    table = list(bm.block_ids("a"))
     assert bm.swap_out("a") is not None
     assert bm.num_pending_blocks == 4 and bm.num_free_blocks == 0
     assert not bm.can_allocate("b", 1)
@@ -80,7 +80,7 @@ def test_swapped_out_blocks_are_pending_until_commit() -> None:
     bm.commit_pending()
     assert bm.num_pending_blocks == 0 and bm.num_free_blocks == 4
     assert bm.allocate("b", 16)
-    assert sorted(bm.block_table("b")) == sorted(table)
+    assert sorted(list(bm.block_ids("b"))) == sorted(table)
     bm.check_invariants()
 
 
@@ -144,7 +144,7 @@ def test_swap_out_refuses_a_request_without_device_blocks(case: str) -> None:
 def test_swap_out_refuses_shared_blocks() -> None:
     bm = make_manager()
     bm.allocate("a", 8)
-    shared = bm.block_table("a")[0]
+    shared = list(bm.block_ids("a"))[0]
     # No public sharing API yet: share the way a prefix cache would, with a ref count.
     bm._tables["b"] = [shared]
     bm._ref_counts[shared] += 1
@@ -168,7 +168,7 @@ def test_swap_in_pairs_each_host_block_with_a_device_block() -> None:
     assert in_pairs is not None
     # Logical block i comes back from the host block it went to.
     assert [host for host, _ in in_pairs] == [host for _, host in out_pairs]
-    assert [device for _, device in in_pairs] == bm.block_table("a")
+    assert [device for _, device in in_pairs] == list(bm.block_ids("a"))
     assert bm.has_blocks("a") and not bm.is_on_host("a")
     assert bm.device_owners() == ["a"] and bm.host_owners() == []
     assert bm.num_free_blocks == 8 - 3
@@ -220,10 +220,10 @@ def test_round_trip_then_growth_keeps_the_table_prefix() -> None:
     bm.swap_out("a")
     bm.commit_pending()
     bm.swap_in("a")
-    table = bm.block_table("a")
+    table = list(bm.block_ids("a"))
     assert bm.num_blocks_needed("a", 9) == 1
     assert bm.allocate("a", 9)
-    assert bm.block_table("a")[:2] == table and len(bm.block_table("a")) == 3
+    assert list(bm.block_ids("a"))[:2] == table and len(list(bm.block_ids("a"))) == 3
     bm.check_invariants()
 
 
@@ -332,7 +332,7 @@ class TieredBlockManagerMachine(RuleBasedStateMachine):
     def allocate(self, request_id: str, num_tokens: int) -> None:
         if request_id in self.on_host:
             return  # a swapped-out request is swapped in before it grows
-        have = len(self.bm.block_table(request_id))
+        have = len(list(self.bm.block_ids(request_id)))
         num_free = self.bm.num_free_blocks
         needed = max(0, self._blocks(num_tokens) - have)
         ok = self.bm.allocate(request_id, num_tokens)
@@ -354,7 +354,7 @@ class TieredBlockManagerMachine(RuleBasedStateMachine):
 
     @rule(request_id=st.sampled_from(REQUEST_IDS), reuse_now=st.booleans())
     def swap_out(self, request_id: str, reuse_now: bool) -> None:
-        table = self.bm.block_table(request_id)
+        table = list(self.bm.block_ids(request_id))
         num_free, num_free_host = self.bm.num_free_blocks, self.bm.num_free_host_blocks
         pairs = self.bm.swap_out(request_id, reuse_now=reuse_now)
         expect_ok = (
@@ -385,7 +385,7 @@ class TieredBlockManagerMachine(RuleBasedStateMachine):
         if pairs is None:
             return
         assert len(pairs) == num_host == self._blocks(self.covered[request_id])
-        assert [device for _, device in pairs] == self.bm.block_table(request_id)
+        assert [device for _, device in pairs] == list(self.bm.block_ids(request_id))
         assert self.bm.num_free_blocks == num_free - num_host
         self.num_pending_host += num_host
         self.on_host.discard(request_id)
@@ -400,7 +400,7 @@ class TieredBlockManagerMachine(RuleBasedStateMachine):
 
     @rule(request_id=st.sampled_from(REQUEST_IDS))
     def free(self, request_id: str) -> None:
-        num_device = len(self.bm.block_table(request_id))
+        num_device = len(list(self.bm.block_ids(request_id)))
         assert self.bm.free(request_id) == num_device
         assert not self.bm.has_blocks(request_id) and not self.bm.is_on_host(request_id)
         self.covered.pop(request_id, None)

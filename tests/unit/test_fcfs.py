@@ -98,7 +98,7 @@ def check_state(scheduler: Scheduler) -> None:
     assert sorted(queued) == sorted(scheduler.requests), "a request is lost or duplicated"
     for request in running:
         assert request.status == RequestStatus.RUNNING
-        assert len(bm.block_table(request.request_id)) >= bm.blocks_for_tokens(
+        assert len(list(bm.block_ids(request.request_id))) >= bm.blocks_for_tokens(
             request.num_computed_tokens
         )
     for request in waiting:

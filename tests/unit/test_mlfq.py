@@ -170,7 +170,7 @@ class Snapshot:
         bm.commit_pending()  # schedule() starts with it; doing it first changes nothing
         requests = scheduler.requests.values()
         return cls(
-            tables={r: bm.block_table(r) for r in bm.device_owners()},
+            tables={r: list(bm.block_ids(r)) for r in bm.device_owners()},
             host_blocks={r: bm.num_host_blocks_of(r) for r in bm.host_owners()},
             computed={r.request_id: r.num_computed_tokens for r in requests},
             uncomputed={r.request_id: r.num_uncomputed_tokens for r in requests},
@@ -214,7 +214,7 @@ def check_output(
         else:
             assert before.host_blocks.get(swap.request_id) == swap.num_blocks
         assert [device for _, device in swap.block_pairs] == (
-            bm.block_table(swap.request_id)[: swap.num_blocks]
+            list(bm.block_ids(swap.request_id))[: swap.num_blocks]
         )
         if swap.request_id not in ids:
             assert not output.swap_out, "prefetch in a round that swapped out"
@@ -353,7 +353,8 @@ def check_state(scheduler: SkipJoinMLFQScheduler) -> None:
     bm = scheduler.block_manager
     bm.check_invariants()
     assert sum(scheduler.queue_lengths()) == len(scheduler.requests)
-    assert scheduler.num_running + scheduler.num_waiting == len(scheduler.requests)
+    assert (scheduler.num_running + scheduler.num_waiting + scheduler.num_preempted
+            == len(scheduler.requests))
     assert scheduler.num_running <= scheduler.config.max_batch_size
     assert set(bm.owners()) <= set(scheduler.requests)
     for request_id, request in scheduler.requests.items():
@@ -533,7 +534,7 @@ def test_short_arrival_preempts_a_long_job_at_the_next_iteration() -> None:
     driver.add(long1, long2)
     driver.run(4)  # both prefilled and decoding; the batch is full
     assert driver.running == {"long1", "long2"}
-    computed, table = long2.num_computed_tokens, driver.bm.block_table("long2")
+    computed, table = long2.num_computed_tokens, list(driver.bm.block_ids("long2"))
     short = make_request("short", 4, max_tokens=3)
     driver.add(short)
     output = driver.step()
@@ -541,7 +542,7 @@ def test_short_arrival_preempts_a_long_job_at_the_next_iteration() -> None:
     assert output.preempted_ids == ("long2",)
     # long2 keeps its KV where it is: no recomputation and no swap.
     assert long2.status == RequestStatus.PREEMPTED and long2.num_preemptions == 0
-    assert driver.bm.block_table("long2") == table and not output.swap_out
+    assert list(driver.bm.block_ids("long2")) == table and not output.swap_out
     driver.run(2)
     assert short.is_finished
     output = driver.step()

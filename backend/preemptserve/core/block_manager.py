@@ -17,6 +17,16 @@ a table is fixed from its first allocation until it is freed.
 Blocks a swap vacates are *pending* until ``commit_pending()`` (called once per
 iteration, before scheduling): their copy may still be in flight during the iteration
 that planned it, so they must not be handed to anyone in that same iteration.
+
+Moving a request to another engine uses three more operations (vLLM's delayed free on
+``finished_sending`` is the pattern for the first):
+
+* ``pin(request_id)``: the blocks the request holds now, in either tier, are not reused
+  until ``unpin``, even if meanwhile the request is freed, swapped or recomputed (their
+  contents may still be being sent);
+* ``reserve(request_id, n)``: on the receiving engine, set aside ``n`` more blocks for a
+  request that is arriving (called again to extend the reservation); ``adopt`` makes the
+  reservation the request's table; ``release_reservation`` gives it back.
 """
 
 from __future__ import annotations
@@ -60,6 +70,13 @@ class BlockManager:
         self._host_tables: dict[str, list[int]] = {}
         self._pending_free: list[int] = []
         self._pending_host_free: list[int] = []
+        # Migration: blocks set aside for arriving requests (device and host tier), pinned
+        # blocks per request, and pinned blocks released while pinned (free at unpin).
+        self._reserved: dict[str, list[int]] = {}
+        self._host_reserved: dict[str, list[int]] = {}
+        self._pins: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
+        self._deferred: set[int] = set()
+        self._host_deferred: set[int] = set()
 
     @property
     def num_free_blocks(self) -> int:
@@ -125,7 +142,7 @@ class BlockManager:
         self._hidden.discard(request_id)
         host_table = self._host_tables.pop(request_id, None)
         if host_table is not None:
-            self._host_free.extend(host_table)
+            self._release_host(host_table, self._host_free)
         table = self._tables.pop(request_id, None)
         if table is None:
             return 0
@@ -139,9 +156,22 @@ class BlockManager:
                 raise AssertionError(f"double free of block {block_id}")
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                into.append(block_id)
+                if self._pins and self._is_pinned(block_id, host=False):
+                    self._deferred.add(block_id)  # reusable at unpin
+                else:
+                    into.append(block_id)
                 released.append(block_id)
         return released
+
+    def _release_host(self, table: list[int], into: deque[int] | list[int]) -> None:
+        if not self._pins:
+            into.extend(table)
+            return
+        for block_id in table:
+            if self._is_pinned(block_id, host=True):
+                self._host_deferred.add(block_id)
+            else:
+                into.append(block_id)
 
     # -- the host tier ---------------------------------------------------------------------
 
@@ -197,7 +227,7 @@ class BlockManager:
             self._ref_counts[block_id] = 1
         del self._host_tables[request_id]
         self._tables[request_id] = table
-        self._pending_host_free.extend(host_table)
+        self._release_host(host_table, self._pending_host_free)
         return list(zip(host_table, table, strict=True))
 
     def commit_pending(self) -> None:
@@ -207,12 +237,96 @@ class BlockManager:
         self._host_free.extend(self._pending_host_free)
         self._pending_host_free.clear()
 
-    def block_table(self, request_id: str) -> list[int]:
-        return list(self._tables.get(request_id, ()))
-
     def block_ids(self, request_id: str) -> tuple[int, ...]:
-        """The device block table as a tuple (one copy, for plans)."""
+        """The device block table (a copy)."""
         return tuple(self._tables.get(request_id, ()))
+
+    def host_block_ids(self, request_id: str) -> tuple[int, ...]:
+        """The host block table (a copy)."""
+        return tuple(self._host_tables.get(request_id, ()))
+
+    # -- moving requests between engines -----------------------------------------------
+
+    def pin(self, request_id: str) -> None:
+        """Keep the blocks ``request_id`` holds now (both tiers) from reuse until ``unpin``.
+
+        While pinned the request may still grow, swap, be recomputed or be freed: blocks
+        it lets go of become free only at ``unpin``. Pinning twice raises ``ValueError``.
+        """
+        if request_id in self._pins:
+            raise ValueError(f"{request_id!r} is pinned already")
+        self._pins[request_id] = (frozenset(self._tables.get(request_id, ())),
+                                  frozenset(self._host_tables.get(request_id, ())))
+
+    def unpin(self, request_id: str) -> None:
+        """End a ``pin``: blocks released meanwhile (and pinned by no one else) are free."""
+        device, host = self._pins.pop(request_id, (frozenset(), frozenset()))
+        for block_id in device & self._deferred:
+            if not self._is_pinned(block_id, host=False):
+                self._deferred.discard(block_id)
+                self._free.append(block_id)
+        for block_id in host & self._host_deferred:
+            if not self._is_pinned(block_id, host=True):
+                self._host_deferred.discard(block_id)
+                self._host_free.append(block_id)
+
+    def is_pinned(self, request_id: str) -> bool:
+        return request_id in self._pins
+
+    def _is_pinned(self, block_id: int, host: bool) -> bool:
+        index = 1 if host else 0
+        return any(block_id in pin[index] for pin in self._pins.values())
+
+    def reserve(self, request_id: str, num_blocks: int, on_host: bool = False) -> list[int] | None:
+        """Set aside ``num_blocks`` more free blocks of one tier for an arriving request.
+
+        Creates or extends the request's reservation, all-or-nothing; returns the new
+        block ids in order, or None (nothing changes) if the tier is short.
+        """
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        free = self._host_free if on_host else self._free
+        if num_blocks > len(free):
+            return None
+        if request_id in (self._tables if not on_host else self._host_tables):
+            raise ValueError(f"{request_id!r} holds blocks already: nothing to reserve for")
+        blocks = [free.popleft() for _ in range(num_blocks)]
+        if not on_host:
+            for block_id in blocks:
+                self._ref_counts[block_id] = 1
+        (self._host_reserved if on_host else self._reserved).setdefault(
+            request_id, []).extend(blocks)
+        return blocks
+
+    def reserved_blocks(self, request_id: str, on_host: bool = False) -> tuple[int, ...]:
+        return tuple((self._host_reserved if on_host else self._reserved).get(request_id, ()))
+
+    def adopt(self, request_id: str, hidden: bool = False, on_host: bool = False) -> tuple[int, ...]:
+        """Make the request's reservation in one tier its block table; returns the table.
+
+        ``hidden``: the blocks hold hidden states (hidden-cache mode). Raises
+        ``ValueError`` if there is no reservation or the request holds blocks already.
+        """
+        if hidden and not self.supports_hidden:
+            raise ValueError("this cache has no hidden-cache mode")
+        reserved = self._host_reserved if on_host else self._reserved
+        if request_id not in reserved:
+            raise ValueError(f"{request_id!r} has no reservation to adopt")
+        if request_id in self._tables or request_id in self._host_tables:
+            raise ValueError(f"{request_id!r} holds blocks already")
+        table = reserved.pop(request_id)
+        (self._host_tables if on_host else self._tables)[request_id] = table
+        if hidden:
+            self._hidden.add(request_id)
+        return tuple(table)
+
+    def release_reservation(self, request_id: str) -> int:
+        """Give back a request's reservations in both tiers; returns the blocks released."""
+        device = self._reserved.pop(request_id, [])
+        host = self._host_reserved.pop(request_id, [])
+        self._release_device(device, self._free)
+        self._host_free.extend(host)
+        return len(device) + len(host)
 
     def has_blocks(self, request_id: str) -> bool:
         return request_id in self._tables
@@ -231,7 +345,7 @@ class BlockManager:
         free = list(self._free)
         assert len(set(free)) == len(free), "a block is in the free list twice"
         counts = [0] * self.num_blocks
-        for table in self._tables.values():
+        for table in (*self._tables.values(), *self._reserved.values()):
             for block_id in table:
                 counts[block_id] += 1
         for block_id in range(self.num_blocks):
@@ -239,20 +353,26 @@ class BlockManager:
                 f"block {block_id}: ref count {self._ref_counts[block_id]} but "
                 f"{counts[block_id]} owners"
             )
-        free += self._pending_free
-        assert len(set(free)) == len(free), "a pending block is also free"
+        free += self._pending_free + sorted(self._deferred)
+        assert len(set(free)) == len(free), "a pending or deferred block is also free"
         assert all(self._ref_counts[b] == 0 for b in free), "a free block has owners"
         num_owned = sum(1 for c in counts if c > 0)
         assert num_owned + len(free) == self.num_blocks, (
             f"leak: {num_owned} owned + {len(free)} free or pending != {self.num_blocks}"
         )
+        assert all(self._is_pinned(b, host=False) for b in self._deferred), (
+            "a deferred block nobody pins")
+        assert all(self._is_pinned(b, host=True) for b in self._host_deferred), (
+            "a deferred host block nobody pins")
         assert not set(self._tables) & set(self._host_tables), "a request in both tiers"
         assert self._hidden <= set(self._tables) | set(self._host_tables), (
             "a hidden-mode mark without blocks")
-        host_owned = [b for table in self._host_tables.values() for b in table]
-        host_all = host_owned + list(self._host_free) + self._pending_host_free
+        host_owned = [b for table in (*self._host_tables.values(),
+                                      *self._host_reserved.values()) for b in table]
+        host_all = (host_owned + list(self._host_free) + self._pending_host_free
+                    + sorted(self._host_deferred))
         assert sorted(host_all) == list(range(self.num_host_blocks)), (
-            f"host tier: {len(host_owned)} owned + {len(self._host_free)} free + "
-            f"{len(self._pending_host_free)} pending is not each of "
+            f"host tier: {len(host_owned)} owned or reserved + {len(self._host_free)} free + "
+            f"{len(self._pending_host_free)} pending or deferred is not each of "
             f"{self.num_host_blocks} blocks exactly once"
         )

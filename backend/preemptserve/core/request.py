@@ -5,16 +5,22 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 # Below this, temperature scaling overflows float32 logits: treat as greedy (as vLLM does).
 _GREEDY_TEMPERATURE = 1e-5
 
 
 class RequestStatus(enum.IntEnum):
-    """Ordered like vLLM's: every status above ``PREEMPTED`` is terminal."""
+    """Ordered like vLLM's: every status above ``PREEMPTED`` is terminal.
+
+    ``MIGRATING``: handed over to another engine. The policy no longer schedules it and
+    its blocks are pinned until the move commits (they are freed) or aborts (it resumes).
+    """
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    MIGRATING = enum.auto()
     PREEMPTED = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
@@ -53,7 +59,8 @@ class SamplingParams:
 
     Greedy when ``temperature < 1e-5``, ``top_k == 1``, or neither ``top_k`` nor ``top_p``
     is set (``top_k == 0 and top_p == 0``, TensorRT-LLM's default).
-    ``min_length`` suppresses ``end_id`` and stop words until that many tokens exist.
+    ``min_length`` suppresses ``end_id`` and stop words until that many tokens exist
+    (``may_stop_at``: the one place that rule is written).
     """
 
     max_tokens: int = 16
@@ -81,6 +88,11 @@ class SamplingParams:
             raise ValueError(f"random_seed must fit in uint64, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop words must be non-empty strings")
+
+    def may_stop_at(self, index: int) -> bool:
+        """Whether output token ``index`` (0-based) may end the output by ``end_id`` or a
+        stop word: only once ``min_length`` tokens precede it."""
+        return index >= self.min_length
 
     @property
     def greedy(self) -> bool:
@@ -115,6 +127,10 @@ class Request:
     # Latency objectives (seconds) of this request; None: the policy's defaults.
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # Attached by the engine (opaque here: no torch in the core): the request's sampling
+    # RNG (None when greedy) and its incremental detokenizer.
+    generator: Any = field(default=None, repr=False)
+    detokenizer: Any = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -139,6 +155,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        """``stop``, ``length``, ``abort`` or ``error`` once finished, else None."""
+        return FINISH_REASONS.get(self.status)
 
     @property
     def hidden(self) -> bool:

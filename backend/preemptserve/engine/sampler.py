@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..core.request import SamplingParams
 
 
-@dataclass
-class SamplingState:
-    """What sampling needs beyond the params: a private RNG and the output count so far.
-
-    A request with a seed owns a generator, so its samples do not depend on the batch.
-    """
+class SamplingState(NamedTuple):
+    """What sampling one request's next token needs beyond its logits: its params, its
+    private RNG (so its samples do not depend on the batch) and the tokens before it."""
 
     params: SamplingParams
     generator: torch.Generator | None
@@ -23,21 +20,34 @@ class SamplingState:
 
     @classmethod
     def create(cls, params: SamplingParams, device: torch.device) -> SamplingState:
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=device)
-            if params.seed is not None:
-                generator.manual_seed(params.seed)
-            else:
-                generator.seed()
-        return cls(params=params, generator=generator)
+        return cls(params, new_generator(params, device))
+
+
+def new_generator(params: SamplingParams, device: torch.device,
+                  state: bytes | None = None) -> torch.Generator | None:
+    """A request's RNG: seeded, randomly seeded, or restored from ``generator_state``."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if state is not None:
+        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    elif params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def generator_state(generator: torch.Generator | None) -> bytes | None:
+    """The RNG's state as bytes (what moves with a request to another engine)."""
+    return None if generator is None else generator.get_state().numpy().tobytes()
 
 
 def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[int]:
     """logits: [S, V] float32, one row per state. Returns one token id per row."""
     for row, state in enumerate(states):
         end_id = state.params.end_id
-        if end_id is not None and state.num_output_tokens < state.params.min_length:
+        if end_id is not None and not state.params.may_stop_at(state.num_output_tokens):
             logits[row, end_id] = float("-inf")
     tokens = logits.argmax(dim=-1).tolist()
     for row, state in enumerate(states):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -54,6 +55,23 @@ class IncrementalDetokenizer:
         self.text = ""
         self._num_sent_chars = 0
         self._stop_floor = 0  # stops may only start at or after this character
+
+    # What ``export_state`` carries: everything but the tokenizer.
+    _STATE = ("_ids", "_prefix_offset", "_read_offset", "_stop", "_hold_chars", "text",
+              "_num_sent_chars", "_stop_floor")
+
+    def export_state(self) -> dict[str, object]:
+        """Plain data that ``restore`` turns back into this detokenizer (another engine
+        continues a moved request's text exactly where this one stopped)."""
+        return {name: copy.copy(getattr(self, name)) for name in self._STATE}
+
+    @classmethod
+    def restore(cls, tokenizer: TextTokenizer, state: dict[str, object]) -> IncrementalDetokenizer:
+        detokenizer = cls.__new__(cls)
+        detokenizer._tokenizer = tokenizer
+        for name in cls._STATE:
+            setattr(detokenizer, name, copy.copy(state[name]))
+        return detokenizer
 
     def append(self, token_id: int) -> None:
         self._ids.append(token_id)

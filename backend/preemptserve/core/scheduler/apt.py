@@ -30,15 +30,11 @@ more than it costs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
-from ..cost_model import CostModel
 from ..request import CacheMode, Request
 from .arrivals import WaitingArrivals
-from .base import Scheduler
+from .base import Plan, PolicyState, Scheduler
 from .knapsack import Option, choose
-from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from .output import ScheduledRequest
 from .registry import register_policy
 from .slo import LOST_VALUE_SCALE, SLOTracker
 
@@ -46,21 +42,6 @@ from .slo import LOST_VALUE_SCALE, SLOTracker
 NEW_CANDIDATES_PER_SLOT = 4
 
 
-class HybridCostModel(CostModel, Protocol):
-    # Extra seconds a decode step spends per KV-sized block of context kept as hidden
-    # states (recomputing K and V); None where not measured.
-    hidden_recompute_s_per_block: float | None
-
-
-@dataclass
-class _Plan:
-    selected: dict[str, ScheduledRequest] = field(default_factory=dict)
-    swap_out: list[BlockSwap] = field(default_factory=list)
-    swap_in: list[BlockSwap] = field(default_factory=list)
-    evicted: list[str] = field(default_factory=list)
-    # Resident requests outside the step's choice, most valuable first (popped from the
-    # end): built on the first eviction of a step.
-    victims: list[str] | None = None
 
 
 @register_policy("apt")
@@ -74,14 +55,14 @@ class AptScheduler(Scheduler):
         if self.block_manager.supports_hidden and recompute is None:
             raise ValueError("apt needs the profiled hidden-cache recompute cost per block")
         self.recompute_s_per_block = recompute or 0.0
-        # Every unfinished request, in arrival order.
-        self._requests: dict[str, Request] = {}
-        self._running: set[str] = set()
         self._slo = SLOTracker(self.config.ttft_slo_s, self.config.tbt_slo_s)
         self.num_prefill_steps = self.num_decode_steps = 0
         self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0
         self._num_decodes = 0  # decodable requests in the step being planned
+        # Resident requests outside the step's choice, most valuable first (popped from
+        # the end): built on the first eviction of a step.
+        self._victims: list[str] | None = None
         # Requests that have never run, apart (their values are summed without a pass
         # over them), and the ones that have, in the order they started.
         self._arrivals = WaitingArrivals()
@@ -89,46 +70,43 @@ class AptScheduler(Scheduler):
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self._requests) - len(self._running)
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
-    def _enqueue_new(self, request: Request) -> None:
-        self._requests[request.request_id] = request
+    def _enqueue(self, request: Request, state: PolicyState | None) -> None:
         now = self.clock()
-        self._slo.add(request, now)
-        self._arrivals.add(request, now, now + self._slo.ttft_slo_s(request))
+        self._slo.add(request, now, state)
+        if request.first_scheduled_time_s is None:
+            arrival_s = self._slo.arrival_s(request.request_id)
+            self._arrivals.add(request, arrival_s, arrival_s + self._slo.ttft_slo_s(request))
+        else:
+            self._started[request.request_id] = request
+
+    def _export_state(self, request: Request) -> PolicyState:
+        return self._slo.export(request.request_id, self.clock())
 
     def _remove(self, request: Request) -> None:
         request_id = request.request_id
-        self._requests.pop(request_id, None)
         self._arrivals.remove(request_id)
         self._started.pop(request_id, None)
-        self._running.discard(request_id)
         self._slo.remove(request_id)
 
     def value(self, request: Request, now: float) -> float:
         """Pending time, scaled down once the request can no longer meet its SLO."""
         return self._slo.value(request, now)
 
-    def update_from_output(self, output, sampled_token_ids, step_time_s=None):  # type: ignore[no-untyped-def]
-        finished = super().update_from_output(output, sampled_token_ids, step_time_s)
+    def update_from_output(self, output, sampled_token_ids, step_time_s=None,  # type: ignore[no-untyped-def]
+                           stop_hits=()):
+        finished = super().update_from_output(output, sampled_token_ids, step_time_s,
+                                              stop_hits)
         now = self.clock()
         for request_id in sampled_token_ids:
-            request = self._requests.get(request_id)
+            request = self.requests.get(request_id)
             if request is not None:  # else finished in this step
                 self._slo.record_token(request, now)
         return finished
 
     # -- the plan ------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def _plan(self, plan: Plan) -> None:
         bm = self.block_manager
-        bm.commit_pending()
         now = self.clock()
         values: dict[str, float] = {}
         decodes: list[Request] = []
@@ -156,7 +134,6 @@ class AptScheduler(Scheduler):
                                                         * max(room, 1)):
                 values[request.request_id] = self.value(request, now)
                 prefills.append(request)
-        plan = _Plan()
         self._num_decodes = len(decodes)
         decode_first = decode_value > prefill_value
         for step in ((self._decode_step, self._prefill_step) if decode_first
@@ -164,7 +141,7 @@ class AptScheduler(Scheduler):
             step(decodes if step == self._decode_step else prefills, values, plan)
             if plan.selected:
                 break
-        if not plan.selected and self._requests:
+        if not plan.selected and self.requests:
             self._force_one(decodes or prefills, values, plan)
         elif not decode_first:
             # Apt-Serve's prefill steps stall every decode (with long prompts a large
@@ -175,18 +152,7 @@ class AptScheduler(Scheduler):
         for request_id in plan.selected:
             if request_id in self._arrivals:
                 self._arrivals.remove(request_id)
-                self._started[request_id] = self._requests[request_id]
-        # A request left out of one step keeps its cache and its place: only one that
-        # lost its device cache (swapped out or dropped) counts as preempted.
-        self.num_preemptions_total += len(plan.evicted)
-        self._running = set(plan.selected)
-        return SchedulerOutput(
-            step_id=self._next_step_id(),
-            scheduled=tuple(plan.selected.values()),
-            preempted_ids=tuple(plan.evicted),
-            swap_out=tuple(plan.swap_out),
-            swap_in=tuple(plan.swap_in),
-        )
+                self._started[request_id] = self.requests[request_id]
 
     def _options(self, request: Request, value: float, num_decodes: int) -> list[Option]:
         """Ways to serve ``request``: its current mode if it has a cache, else KV or hidden."""
@@ -216,12 +182,12 @@ class AptScheduler(Scheduler):
         return [kv, hidden] if value > penalty else [kv]
 
     def _decode_step(self, decodes: list[Request], values: dict[str, float],
-                     plan: _Plan) -> None:
+                     plan: Plan) -> None:
         """One token for the most valuable decodable requests that fit the device pool."""
         bm = self.block_manager
         if not decodes:
             return
-        plan.victims = None
+        self._victims = None
         if len(decodes) <= self.config.max_batch_size and self._all_fit(decodes):
             # Memory does not bind: the knapsack would choose everyone.
             self.last_num_candidates = len(decodes)
@@ -248,7 +214,7 @@ class AptScheduler(Scheduler):
         chosen = chosen[:self.config.max_batch_size]
         keep = {rid for rid, _ in chosen}
         for request_id, _ in chosen:
-            self._admit(self._requests[request_id], 1, plan, keep, values)
+            self._admit(self.requests[request_id], 1, plan, keep, values)
         for request in sorted(swapped, key=lambda r: -values[r.request_id]):
             if len(plan.selected) >= self.config.max_batch_size:
                 break
@@ -258,7 +224,7 @@ class AptScheduler(Scheduler):
                 self._admit(request, 1, plan, set(plan.selected) | {request_id}, values)
         self.num_decode_steps += bool(plan.selected)
 
-    def _carry_resident_decodes(self, decodes: list[Request], plan: _Plan) -> None:
+    def _carry_resident_decodes(self, decodes: list[Request], plan: Plan) -> None:
         """A prefill step also carries the decodes that hold their cache on the device and
         fit the batch, the token budget and the free blocks (nobody is evicted for them).
         """
@@ -269,9 +235,7 @@ class AptScheduler(Scheduler):
                 break
             if request.request_id in plan.selected:
                 continue
-            item = self._schedule_resident(request, 1)
-            if item is not None:
-                plan.selected[request.request_id] = item
+            if self._schedule_resident(request, 1, plan) is not None:
                 budget -= 1
 
     def _all_fit(self, decodes: list[Request]) -> bool:
@@ -286,14 +250,14 @@ class AptScheduler(Scheduler):
         return needed <= bm.num_free_blocks
 
     def _prefill_step(self, prefills: list[Request], values: dict[str, float],
-                      plan: _Plan) -> None:
+                      plan: Plan) -> None:
         """Prefill chunks for the most valuable requests that fit the free device blocks."""
         bm = self.block_manager
         if not prefills:
             return
         num_decodes = self._num_decodes
-        resident_decodes = sum(1 for rid in bm.device_owners()
-                               if self._requests[rid].num_uncomputed_tokens == 1)
+        resident_decodes = sum(1 for rid in bm.device_owners() if rid in self.requests
+                               and self.requests[rid].num_uncomputed_tokens == 1)
         # Resident decoders keep room to grow by a block each; their blocks are not ours.
         capacity = bm.num_free_blocks - resident_decodes
         # A request without a cache starts only while started work (both tiers) and its
@@ -313,15 +277,15 @@ class AptScheduler(Scheduler):
         self.last_num_candidates = len(candidates)
         # Unfinished prefills first (their blocks are spent), then by value.
         chosen = sorted(selection.chosen.items(), key=lambda kv: (
-            not self._requests[kv[0]].num_computed_tokens, -kv[1].value))
+            not self.requests[kv[0]].num_computed_tokens, -kv[1].value))
         budget = self.config.max_num_batched_tokens
         # Started requests in either tier: no more than a batch's worth, so that decode
         # steps do not rotate a larger started set through the batch by pending time.
         num_resident = len(bm.device_owners()) + len(bm.host_owners())
         keep = {rid for rid, _ in chosen}
-        plan.victims = None
+        self._victims = None
         for request_id, option in chosen:
-            request = self._requests[request_id]
+            request = self.requests[request_id]
             is_new = not bm.has_blocks(request_id) and not bm.is_on_host(request_id)
             if budget <= 0:
                 break
@@ -338,7 +302,7 @@ class AptScheduler(Scheduler):
         self.num_prefill_steps += bool(plan.selected)
 
     def _force_one(self, candidates: list[Request], values: dict[str, float],
-                   plan: _Plan) -> None:
+                   plan: Plan) -> None:
         """Nothing fit: run the most valuable request alone, evicting whoever is in the way.
 
         Every request fits the pool alone (checked on arrival), so this always progresses.
@@ -348,7 +312,7 @@ class AptScheduler(Scheduler):
                 self.block_manager.is_on_host(request.request_id)):
             self._set_mode(request, CacheMode.KV)
         num_tokens = min(request.num_uncomputed_tokens, self.config.max_num_batched_tokens)
-        plan.victims = None
+        self._victims = None
         item = self._admit(request, num_tokens, plan, {request.request_id}, values, force=True)
         assert item is not None, "a request alone always fits"
 
@@ -359,43 +323,40 @@ class AptScheduler(Scheduler):
         request.cache_mode = mode
 
     def _admit(
-        self, request: Request, num_tokens: int, plan: _Plan, keep: set[str],
+        self, request: Request, num_tokens: int, plan: Plan, keep: set[str],
         values: dict[str, float], force: bool = False,
     ) -> ScheduledRequest | None:
         """Blocks (evicting requests outside ``keep``), swap-in if needed, then schedule."""
         bm = self.block_manager
         request_id = request.request_id
-        item = self._schedule_resident(request, num_tokens)
+        item = self._schedule_resident(request, num_tokens, plan)
         if item is not None:
-            plan.selected[request_id] = item
             return item
         needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
                                       request.hidden)
         if needed > bm.num_free_blocks:
-            if plan.victims is None:
-                plan.victims = sorted((rid for rid in bm.device_owners() if rid not in keep),
+            if self._victims is None:
+                self._victims = sorted((rid for rid in bm.device_owners()
+                                        if rid not in keep and rid in values),
                                       key=lambda rid: values[rid], reverse=True)
-            while bm.num_free_blocks < needed and plan.victims:
-                victim_id = plan.victims.pop()
+            while bm.num_free_blocks < needed and self._victims:
+                victim_id = self._victims.pop()
                 if bm.has_blocks(victim_id) and victim_id not in plan.selected:
-                    self._evict(self._requests[victim_id], plan)
+                    self._evict(self.requests[victim_id], plan)
             if bm.num_free_blocks < needed:
                 if not force:
                     return None
                 raise AssertionError("forced admission found no room")
         if bm.is_on_host(request_id):
-            plan.swap_in.append(self._plan_swap_in(request))
-        item = self._try_schedule(request, num_tokens)
-        if item is not None:
-            plan.selected[request_id] = item
-        return item
+            self._swap_in(request, plan)
+        return self._try_schedule(request, num_tokens, plan)
 
-    def _evict(self, victim: Request, plan: _Plan) -> None:
-        """Swap ``victim``'s cache to the host tier, or drop it (recomputation) if full."""
-        victim_id = victim.request_id
-        plan.evicted.append(victim_id)
-        swap = self._plan_swap_out(victim, reuse_now=True)
-        if swap is not None:
-            plan.swap_out.append(swap)
-        else:
+    def _evict(self, victim: Request, plan: Plan) -> None:
+        """Swap ``victim``'s cache to the host tier, or drop it (recomputation) if full.
+
+        A request left out of one step keeps its cache and its place: only one that loses
+        its device cache (here) counts as preempted.
+        """
+        plan.preempted.append(victim.request_id)
+        if not self._swap_out(victim, plan, reuse_now=True):
             self._preempt_by_recompute(victim)

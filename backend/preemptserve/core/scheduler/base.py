@@ -1,21 +1,33 @@
-"""The policy interface and the bookkeeping every policy shares. No torch, no Triton.
+"""The policy interface, and the one owner of every request's life. No torch, no Triton.
 
 A step of the engine is three calls, as in vLLM v1::
 
     output = scheduler.schedule()                   # plain-data plan
     sampled = runner.execute(output)                # {request_id: token_id}
-    finished = scheduler.update_from_output(output, sampled)
+    finished = scheduler.update_from_output(output, sampled, step_s, stop_hits)
 
-Subclasses own their queues and implement ``schedule``; this base keeps the request
-table, the block manager and the stop conditions that do not need text.
+This base class owns a request from ``add_request`` to its end: its status (every change
+goes through ``_set_status``), its blocks, the plan of every step (``schedule`` commits
+the previous step's swaps, asks the policy to choose, and builds the plan once), the
+rule that finishes it (``_finish_status``, the only place) and the freeing of its
+blocks. A policy only chooses: subclasses implement ``_plan`` with the helpers here
+(``_try_schedule``, ``_swap_out``, ``_swap_in``, ``_preempt_by_recompute``) and keep
+their own queues through ``_enqueue`` / ``_remove``.
+
+Requests move between engines through ``detach`` (the source: the request leaves the
+policy, ``MIGRATING``, its blocks stay), ``reattach`` (the move failed: it resumes),
+``release_detached`` (the move committed: its blocks are freed) and ``adopt`` (the
+destination: with the state the source's policy exported).
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from typing import ClassVar
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ...config import SchedulerConfig
 from ..block_manager import BlockManager
@@ -25,6 +37,19 @@ from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .service import OutputLengthHistory
 
 Clock = Callable[[], float]
+# A policy's own state of one request, as plain data (what moves with it to another engine).
+PolicyState = dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """One iteration being planned: what the policy chose so far."""
+
+    selected: dict[str, ScheduledRequest] = field(default_factory=dict)
+    # Requests that lost their place (the policy's definition; counted as preemptions).
+    preempted: list[str] = field(default_factory=list)
+    swap_out: list[BlockSwap] = field(default_factory=list)
+    swap_in: list[BlockSwap] = field(default_factory=list)
 
 
 class Scheduler(ABC):
@@ -47,26 +72,32 @@ class Scheduler(ABC):
         self.block_manager = block_manager
         self.clock = clock
         self.cost_model = cost_model
+        # Unfinished requests the policy schedules, in arrival order.
         self.requests: dict[str, Request] = {}
+        # Requests handed to another engine and not yet committed or taken back.
+        self.detached: dict[str, Request] = {}
+        self._num_by_status: Counter[RequestStatus] = Counter()
+        self._running_ids: Collection[str] = ()
+        self._finished_ids: list[str] = []  # left since the last plan
         # A running request that lost its place in the batch (any policy) ...
         self.num_preemptions_total = 0
         # ... and one whose KV was dropped, to be prefilled again (and the tokens whose
         # K/V were dropped: work done twice).
         self.num_recomputations_total = 0
         self.num_recomputed_tokens_total = 0
-        # Requests and blocks moved between tiers by policies that swap.
+        # Requests and blocks moved between tiers (counted here only).
         self.num_swap_outs = self.num_swap_ins = 0
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
         # Output lengths of recently finished requests (stopped or at max_tokens; not
         # cancelled): what policies may expect of a running request's remaining output.
         self.output_lengths = OutputLengthHistory()
-        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
         self._step_id = 0
 
     # -- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         """Queue a new request. Raises ``ValueError`` if it could never fit in the pool."""
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self.detached:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         needed = self.block_manager.blocks_for_tokens(request.max_total_tokens)  # in KV mode
         if needed > self.block_manager.num_blocks:
@@ -75,60 +106,116 @@ class Scheduler(ABC):
                 f"({request.max_total_tokens} tokens) but the cache has "
                 f"{self.block_manager.num_blocks}; lower max_tokens or raise kv_cache_bytes"
             )
-        request.status = RequestStatus.WAITING
-        self.requests[request.request_id] = request
-        self._enqueue_new(request)
+        self._insert(request, RequestStatus.WAITING)
+        self._enqueue(request, None)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """End a request from outside (cancel, stop word, error): its blocks return."""
-        request = self.requests.pop(request_id, None)
+        """End a request from outside (cancel, error): its blocks return. None if unknown."""
+        if not status.is_finished:
+            raise ValueError(f"{status.name} is not a finished status")
+        request = self.requests.get(request_id)
         if request is None:
-            return None
-        assert status.is_finished, status
-        self._remove(request)
-        self.block_manager.free(request_id)
+            request = self.detached.pop(request_id, None)
+            if request is None:
+                return None
+            self._insert(request, RequestStatus.MIGRATING)  # finished like any other below
+        else:
+            self._remove(request)
+        self._finish(request, status)
+        return request
+
+    def _insert(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        self._num_by_status[status] += 1
+        self.requests[request.request_id] = request
+
+    def _set_status(self, request: Request, status: RequestStatus) -> None:
+        """Every status change of a request in ``requests`` goes through here."""
+        old = request.status
+        if old is status:
+            return
+        self._num_by_status[old] -= 1
+        self._num_by_status[status] += 1
+        request.status = status
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """The end of every request: out of the table, blocks freed, status terminal."""
+        request_id = request.request_id
+        del self.requests[request_id]
+        self._num_by_status[request.status] -= 1
+        request.status = status
+        self.block_manager.free(request_id)
+        self._finished_ids.append(request_id)
         if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self.output_lengths.observe(request.num_output_tokens)
-        return request
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    # -- the policy ----------------------------------------------------------------------
-
-    @abstractmethod
-    def schedule(self) -> SchedulerOutput:
-        """Plan one iteration: allocate blocks, pick requests, preempt if needed."""
-
-    @abstractmethod
-    def _enqueue_new(self, request: Request) -> None:
-        """Put a newly added request into the policy's queues."""
-
-    @abstractmethod
-    def _remove(self, request: Request) -> None:
-        """Take a request out of whatever queue holds it (it is finishing)."""
+    @property
+    def num_waiting(self) -> int:
+        """Requests never scheduled yet (the queue ``max_queue_size`` bounds)."""
+        return self._num_by_status[RequestStatus.WAITING]
 
     @property
-    @abstractmethod
-    def num_waiting(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def num_running(self) -> int: ...
+    def num_running(self) -> int:
+        """Requests in the last planned batch."""
+        return self._num_by_status[RequestStatus.RUNNING]
 
     @property
     def num_preempted(self) -> int:
-        return sum(1 for r in self.requests.values() if r.status == RequestStatus.PREEMPTED)
+        """Requests that have run and are not in the last planned batch."""
+        return self._num_by_status[RequestStatus.PREEMPTED]
+
+    # -- the policy ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one iteration: the policy chooses, this applies and describes it."""
+        self.block_manager.commit_pending()
+        plan = Plan()
+        self._plan(plan)
+        selected = plan.selected
+        for request_id in self._running_ids:
+            if request_id not in selected:
+                request = self.requests.get(request_id)
+                if request is not None and request.status is RequestStatus.RUNNING:
+                    self._set_status(request, RequestStatus.PREEMPTED)
+        self._running_ids = selected.keys()
+        self.num_preemptions_total += len(plan.preempted)
+        finished, self._finished_ids = self._finished_ids, []
+        self._step_id += 1
+        return SchedulerOutput(
+            step_id=self._step_id,
+            scheduled=tuple(selected.values()),
+            preempted_ids=tuple(plan.preempted),
+            swap_out=tuple(plan.swap_out),
+            swap_in=tuple(plan.swap_in),
+            finished_ids=tuple(finished),
+        )
+
+    @abstractmethod
+    def _plan(self, plan: Plan) -> None:
+        """Choose this iteration's batch, preemptions and swaps into ``plan``."""
+
+    @abstractmethod
+    def _enqueue(self, request: Request, state: PolicyState | None) -> None:
+        """Put a request into the policy's queues: a new one (``state`` None) or one
+        arriving from another engine with what its policy exported."""
+
+    @abstractmethod
+    def _remove(self, request: Request) -> None:
+        """Take a request out of whatever queue holds it (finishing or leaving)."""
+
+    def _export_state(self, request: Request) -> PolicyState:
+        """The policy's own state of ``request`` (called before ``_remove``)."""
+        return {}
 
     # -- shared mechanics for policies ---------------------------------------------------
 
-    def _next_step_id(self) -> int:
-        self._step_id += 1
-        return self._step_id
-
-    def _try_schedule(self, request: Request, num_tokens: int) -> ScheduledRequest | None:
-        """Allocate blocks for ``num_tokens`` more tokens and describe the work, or None."""
+    def _try_schedule(self, request: Request, num_tokens: int,
+                      plan: Plan) -> ScheduledRequest | None:
+        """Allocate blocks for ``num_tokens`` more tokens and add the work to ``plan``;
+        None (nothing changes) if the blocks are not free."""
         request_id = request.request_id
         start = request.num_computed_tokens
         stop = start + num_tokens
@@ -137,50 +224,61 @@ class Scheduler(ABC):
             return None
         if request.first_scheduled_time_s is None:
             request.first_scheduled_time_s = self.clock()
-        request.status = RequestStatus.RUNNING
+        if request.status is not RequestStatus.RUNNING:
+            self._set_status(request, RequestStatus.RUNNING)
         num_total = request.num_tokens
         if num_tokens == 1 and stop == num_total and request.output_token_ids:
             token_ids: tuple[int, ...] = (request.output_token_ids[-1],)  # a decode
         else:
             token_ids = tuple(request.token_ids(start, stop))
-        return ScheduledRequest(request_id, token_ids, start,
+        item = ScheduledRequest(request_id, token_ids, start,
                                 self.block_manager.block_ids(request_id), stop == num_total,
                                 hidden)
+        plan.selected[request_id] = item
+        return item
 
-    def _schedule_resident(self, request: Request, num_tokens: int) -> ScheduledRequest | None:
+    def _schedule_resident(self, request: Request, num_tokens: int,
+                           plan: Plan) -> ScheduledRequest | None:
         """The common case of every step: a request holding device blocks that cover (or can
         grow to cover) ``num_tokens`` more tokens; None sends the caller down its slow path
         (eviction, swap-in)."""
         if not self.block_manager.has_blocks(request.request_id):
             return None
-        return self._try_schedule(request, num_tokens)
+        return self._try_schedule(request, num_tokens, plan)
 
     def _preempt_by_recompute(self, request: Request) -> None:
         """Drop a request's KV; it will prefill prompt + output again when resumed."""
         self.block_manager.free(request.request_id)
         self.num_recomputed_tokens_total += request.num_computed_tokens
         request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
+        self._set_status(request, RequestStatus.PREEMPTED)
         request.num_preemptions += 1
         self.num_recomputations_total += 1
 
-    def _plan_swap_out(self, request: Request, reuse_now: bool) -> BlockSwap | None:
-        """Move a request's KV to the host tier (it is preempted); None if it cannot."""
+    def _swap_out(self, request: Request, plan: Plan, reuse_now: bool) -> bool:
+        """Move a request's KV to the host tier (it is preempted); False if it cannot."""
         pairs = self.block_manager.swap_out(request.request_id, reuse_now=reuse_now)
         if pairs is None:
-            return None
-        request.status = RequestStatus.PREEMPTED
+            return False
+        self._set_status(request, RequestStatus.PREEMPTED)
         self.num_swap_outs += 1
         self.num_blocks_swapped_out += len(pairs)
-        return BlockSwap(request.request_id, tuple(pairs), blocking=reuse_now)
+        plan.swap_out.append(BlockSwap(request.request_id, tuple(pairs), blocking=reuse_now))
+        return True
 
-    def _plan_swap_in(self, request: Request) -> BlockSwap:
+    def _swap_in(self, request: Request, plan: Plan) -> None:
         """Bring a request's KV back to the device; the caller checked there is room."""
         pairs = self.block_manager.swap_in(request.request_id)
-        assert pairs is not None, "the caller checked for room"
+        if pairs is None:
+            raise RuntimeError(f"swap-in of {request.request_id!r} found no room")
         self.num_swap_ins += 1
         self.num_blocks_swapped_in += len(pairs)
-        return BlockSwap(request.request_id, tuple(pairs))
+        plan.swap_in.append(BlockSwap(request.request_id, tuple(pairs)))
+
+    def _holds_cache(self, request_id: str) -> bool:
+        """Whether the request's KV (or hidden states) is in either tier."""
+        bm = self.block_manager
+        return bm.has_blocks(request_id) or bm.is_on_host(request_id)
 
     # -- results -------------------------------------------------------------------------
 
@@ -189,27 +287,29 @@ class Scheduler(ABC):
         output: SchedulerOutput,
         sampled_token_ids: Mapping[str, int],
         step_time_s: float | None = None,
+        stop_hits: Collection[str] = (),
     ) -> list[Request]:
-        """Advance progress with the step's results; return requests that finished.
+        """Advance progress with the step's results; return the requests that finished,
+        each with its terminal status (why it finished).
 
         ``step_time_s`` is the measured time of the iteration (policies that account
-        service time use it). Finishing here covers ``max_tokens`` and ``end_id`` (after
-        ``min_length``). Stop words need text and are applied by the engine via
-        ``finish_request``.
+        service time use it). ``stop_hits``: requests whose text ends in a stop word with
+        this step's token (text is the engine's; the decision is ``_finish_status``'s).
         """
         finished: list[Request] = []
         for item in output.scheduled:
             request = self.requests.get(item.request_id)
-            if request is None:  # finished from outside during the step
+            if request is None:  # finished or detached during the step
                 continue
             request.num_computed_tokens += item.num_tokens
             if not item.sample:
                 continue
             token_id = sampled_token_ids[item.request_id]
             request.output_token_ids.append(token_id)
-            status = self._stop_status(request, token_id)
+            status = self._finish_status(request, token_id, item.request_id in stop_hits)
             if status is not None:
-                self.finish_request(request.request_id, status)
+                self._remove(request)
+                self._finish(request, status)
                 finished.append(request)
         if step_time_s is not None:
             self._account_service(output, step_time_s)
@@ -220,14 +320,62 @@ class Scheduler(ABC):
         return None  # fcfs keeps no service accounts
 
     @staticmethod
-    def _stop_status(request: Request, token_id: int) -> RequestStatus | None:
+    def _finish_status(request: Request, token_id: int, stop_hit: bool) -> RequestStatus | None:
+        """The finishing rule, the only one: ``end_id`` or a stop word once ``min_length``
+        tokens precede it, else ``max_tokens``. ``token_id`` was just appended."""
         sampling = request.sampling
-        if (
-            sampling.end_id is not None
-            and token_id == sampling.end_id
-            and request.num_output_tokens > sampling.min_length
-        ):
+        if sampling.may_stop_at(request.num_output_tokens - 1) and (
+                stop_hit or token_id == sampling.end_id):
             return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= sampling.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    # -- moving requests between engines -------------------------------------------------
+
+    def migration_candidates(self) -> list[str]:
+        """Requests that may move to another engine: started ones holding their cache in
+        either tier, in arrival order (the cluster policy chooses among them)."""
+        return [rid for rid, r in self.requests.items()
+                if r.status is not RequestStatus.WAITING and self._holds_cache(rid)]
+
+    def detach(self, request_id: str) -> PolicyState:
+        """Take a request out of the policy for a move; it keeps its blocks, ``MIGRATING``.
+
+        Returns the policy's state of it, for ``adopt`` on the destination. Raises
+        ``KeyError`` if the request is not scheduled here.
+        """
+        request = self.requests[request_id]
+        state = self._export_state(request)
+        self._remove(request)
+        del self.requests[request_id]
+        self._num_by_status[request.status] -= 1
+        request.status = RequestStatus.MIGRATING
+        self.detached[request_id] = request
+        return state
+
+    def reattach(self, request_id: str, state: PolicyState) -> None:
+        """The move failed: the detached request resumes here with its state."""
+        request = self.detached.pop(request_id)
+        self._insert(request, self._resume_status(request))
+        self._enqueue(request, state)
+
+    def release_detached(self, request_id: str) -> Request:
+        """The move committed: the detached request's blocks are freed here."""
+        request = self.detached.pop(request_id)
+        self.block_manager.free(request_id)
+        self._finished_ids.append(request_id)
+        return request
+
+    def adopt(self, request: Request, state: PolicyState) -> None:
+        """Take in a request moved from another engine (its blocks, if any, adopted by the
+        block manager already), with the state its policy exported."""
+        if request.request_id in self.requests or request.request_id in self.detached:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self._insert(request, self._resume_status(request))
+        self._enqueue(request, state)
+
+    @staticmethod
+    def _resume_status(request: Request) -> RequestStatus:
+        started = request.first_scheduled_time_s is not None
+        return RequestStatus.PREEMPTED if started else RequestStatus.WAITING

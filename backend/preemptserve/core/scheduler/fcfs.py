@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from ..request import Request
-from .base import Scheduler
-from .output import ScheduledRequest, SchedulerOutput
+from .base import Plan, PolicyState, Scheduler
 from .registry import register_policy
 
 
@@ -24,16 +23,11 @@ class FCFSScheduler(Scheduler):
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    def _enqueue_new(self, request: Request) -> None:
-        self.waiting.append(request)
+    def _enqueue(self, request: Request, state: PolicyState | None) -> None:
+        if self.block_manager.has_blocks(request.request_id):
+            self.running.append(request)  # moved here from another engine, cache and all
+        else:
+            self.waiting.append(request)
 
     def _remove(self, request: Request) -> None:
         if request in self.running:
@@ -41,9 +35,8 @@ class FCFSScheduler(Scheduler):
         elif request in self.waiting:
             self.waiting.remove(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def _plan(self, plan: Plan) -> None:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
         # Running requests first, oldest admission first.
@@ -51,21 +44,20 @@ class FCFSScheduler(Scheduler):
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_tokens = min(request.num_uncomputed_tokens, budget)
-            item = self._try_schedule(request, num_tokens)
+            item = self._try_schedule(request, num_tokens, plan)
             while item is None:
                 victim = self.running.pop()
                 self._preempt_by_recompute(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
-                item = self._try_schedule(request, num_tokens)
+                item = self._try_schedule(request, num_tokens, plan)
             if item is None:
                 break
-            scheduled.append(item)
             budget -= num_tokens
             index += 1
 
-        self.num_preemptions_total += len(preempted)
+        plan.preempted.extend(r.request_id for r in preempted)
         # Earliest-admitted victim ends up first in line.
         for victim in preempted:
             self.waiting.appendleft(victim)
@@ -79,16 +71,24 @@ class FCFSScheduler(Scheduler):
         ):
             request = self.waiting[0]
             num_tokens = min(request.num_uncomputed_tokens, budget)
-            item = self._try_schedule(request, num_tokens)
-            if item is None:
+            if not self._swap_in_to_admit(request, num_tokens, plan):
+                break
+            if self._try_schedule(request, num_tokens, plan) is None:
                 break
             self.waiting.popleft()
             self.running.append(request)
-            scheduled.append(item)
             budget -= num_tokens
 
-        return SchedulerOutput(
-            step_id=self._next_step_id(),
-            scheduled=tuple(scheduled),
-            preempted_ids=tuple(r.request_id for r in preempted),
-        )
+    def _swap_in_to_admit(self, request: Request, num_tokens: int, plan: Plan) -> bool:
+        """A request whose cache is on the host tier (it arrived from another engine that
+        had swapped it) comes back first; False if its blocks and growth do not fit."""
+        bm = self.block_manager
+        request_id = request.request_id
+        if not bm.is_on_host(request_id):
+            return True
+        needed = max(bm.num_host_blocks_of(request_id), bm.blocks_for_tokens(
+            request.num_computed_tokens + num_tokens, request.hidden))
+        if needed > bm.num_free_blocks:
+            return False
+        self._swap_in(request, plan)
+        return True

@@ -27,9 +27,9 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..request import Request, RequestStatus
-from .base import Scheduler
-from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from ..request import Request
+from .base import Plan, PolicyState, Scheduler
+from .output import ScheduledRequest, SchedulerOutput
 from .registry import register_policy
 
 
@@ -77,29 +77,31 @@ class SkipJoinMLFQScheduler(Scheduler):
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self._jobs) - len(self._running)
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
     def level_of(self, request_id: str) -> int:
         return self._jobs[request_id].level
 
     def queue_lengths(self) -> list[int]:
         return [len(level) for level in self._levels]
 
-    def _enqueue_new(self, request: Request) -> None:
-        assert self.cost_model is not None
-        t_init = self.cost_model.prefill_time_s(request.num_prompt_tokens)
-        level = next((i for i, q in enumerate(self.quanta_s) if q >= t_init),
-                     len(self.quanta_s) - 1)
-        job = _Job(request, level, next(self._seq))
+    def _enqueue(self, request: Request, state: PolicyState | None) -> None:
+        if state:  # moved here from another engine: its level and service go with it
+            level = min(int(state["level"]), len(self.quanta_s) - 1)
+            job = _Job(request, level, next(self._seq), float(state["attained_s"]),
+                       int(state["num_tokens_high_water"]), bool(state["promoted"]))
+        else:
+            assert self.cost_model is not None
+            t_init = self.cost_model.prefill_time_s(request.num_prompt_tokens)
+            level = next((i for i, q in enumerate(self.quanta_s) if q >= t_init),
+                         len(self.quanta_s) - 1)
+            job = _Job(request, level, next(self._seq))
         self._jobs[request.request_id] = job
         self._levels[level][request.request_id] = job
         self._idle_since[request.request_id] = self.clock()
+
+    def _export_state(self, request: Request) -> PolicyState:
+        job = self._jobs[request.request_id]
+        return {"level": job.level, "attained_s": job.attained_s,
+                "num_tokens_high_water": job.num_tokens_high_water, "promoted": job.promoted}
 
     def _remove(self, request: Request) -> None:
         job = self._jobs.pop(request.request_id, None)
@@ -146,12 +148,10 @@ class SkipJoinMLFQScheduler(Scheduler):
 
     # -- the plan ------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def _plan(self, plan: Plan) -> None:
         bm = self.block_manager
-        bm.commit_pending()
         now = self.clock()
         self._promote_starved(now)
-        plan = _Plan()
         budget = self.config.max_num_batched_tokens
 
         # 1. Fill from the highest queue down until the batch, the budget or memory ends.
@@ -173,7 +173,7 @@ class SkipJoinMLFQScheduler(Scheduler):
                 break
         if blocked:
             holders = [self._jobs[r] for r in (*bm.device_owners(), *bm.host_owners())
-                       if r not in plan.selected]
+                       if r not in plan.selected and r in self._jobs]
             for job in sorted(holders, key=lambda j: j.key):
                 if len(plan.selected) >= self.config.max_batch_size or budget <= 0:
                     break
@@ -196,36 +196,27 @@ class SkipJoinMLFQScheduler(Scheduler):
             for job in sorted(self._resident_idle(plan), key=lambda j: -self._enst_s(j, now)):
                 if bm.num_free_blocks + bm.num_pending_blocks >= self.reserve_blocks:
                     break
-                if not self._swap_out(job, plan, reuse_now=False):
+                if not self._swap_out(job.request, plan, reuse_now=False):
                     break  # host tier full: keep the rest resident
         # 3. Prefetch, never in a round that swapped out (no ping-pong).
         if not plan.swap_out:
-            for request_id in sorted(bm.host_owners(),
+            for request_id in sorted((r for r in bm.host_owners() if r in self._jobs),
                                      key=lambda r: self._enst_s(self._jobs[r], now)):
                 needed = bm.num_host_blocks_of(request_id)
                 if bm.num_free_blocks - needed < self.reserve_blocks:
                     break
-                self._swap_in(self._jobs[request_id], plan)
+                self._swap_in(self._jobs[request_id].request, plan)
 
-        preempted = [rid for rid in self._running if rid not in plan.selected]
-        self.num_preemptions_total += len(preempted)
-        for request_id in preempted:
-            self._jobs[request_id].request.status = RequestStatus.PREEMPTED
+        plan.preempted.extend(rid for rid in self._running if rid not in plan.selected)
+        for request_id in plan.preempted:
             self._idle_since[request_id] = now
         for request_id in plan.selected:
             if request_id not in self._running:
                 self._idle_since.pop(request_id, None)
         self._running = dict.fromkeys(plan.selected)
-        return SchedulerOutput(
-            step_id=self._next_step_id(),
-            scheduled=tuple(plan.selected.values()),
-            preempted_ids=tuple(preempted),
-            swap_out=tuple(plan.swap_out),
-            swap_in=tuple(plan.swap_in),
-        )
 
     def _try_select(
-        self, job: _Job, num_tokens: int, plan: _Plan, force: bool = False
+        self, job: _Job, num_tokens: int, plan: Plan, force: bool = False
     ) -> ScheduledRequest | None:
         """Give ``job`` blocks for ``num_tokens`` more tokens, evicting lower jobs if needed.
 
@@ -242,9 +233,8 @@ class SkipJoinMLFQScheduler(Scheduler):
         bm = self.block_manager
         request = job.request
         request_id = request.request_id
-        item = self._schedule_resident(request, num_tokens)
+        item = self._schedule_resident(request, num_tokens, plan)
         if item is not None:
-            plan.selected[request_id] = item
             return item
         # Blocks on the host come back as part of the table: count the table once.
         needed = bm.num_blocks_needed(request_id, request.num_computed_tokens + num_tokens,
@@ -263,13 +253,12 @@ class SkipJoinMLFQScheduler(Scheduler):
             if not self._evict_below(job, needed, plan, force):
                 return None
         if bm.is_on_host(request_id):
-            self._swap_in(job, plan)
-        item = self._try_schedule(request, num_tokens)
+            self._swap_in(request, plan)
+        item = self._try_schedule(request, num_tokens, plan)
         assert item is not None, "blocks were made available above"
-        plan.selected[request_id] = item
         return item
 
-    def _evict_below(self, job: _Job, needed: int, plan: _Plan, force: bool = False) -> bool:
+    def _evict_below(self, job: _Job, needed: int, plan: Plan, force: bool = False) -> bool:
         """Free device blocks held by lower-priority idle jobs until ``needed`` are free.
 
         Any lower job may be swapped out. Only a job of a strictly lower queue may lose
@@ -295,23 +284,15 @@ class SkipJoinMLFQScheduler(Scheduler):
         for victim in victims:
             if bm.num_free_blocks >= needed:
                 break
-            if not self._swap_out(victim, plan, reuse_now=True) and recomputable(victim):
+            if not self._swap_out(victim.request, plan, reuse_now=True) and recomputable(victim):
                 self._preempt_by_recompute(victim.request)  # host tier full
         return bm.num_free_blocks >= needed
 
-    def _resident_idle(self, plan: _Plan) -> list[_Job]:
-        """Jobs holding device blocks that are not selected this round."""
+    def _resident_idle(self, plan: Plan) -> list[_Job]:
+        """Jobs holding device blocks that are not selected this round (requests being
+        moved to another engine hold blocks too, but are no longer jobs here)."""
         return [self._jobs[r] for r in self.block_manager.device_owners()
-                if r not in plan.selected]
-
-    def _swap_out(self, job: _Job, plan: _Plan, reuse_now: bool) -> bool:
-        swap = self._plan_swap_out(job.request, reuse_now)
-        if swap is not None:
-            plan.swap_out.append(swap)
-        return swap is not None
-
-    def _swap_in(self, job: _Job, plan: _Plan) -> None:
-        plan.swap_in.append(self._plan_swap_in(job.request))
+                if r not in plan.selected and r in self._jobs]
 
     # -- results -------------------------------------------------------------------------
 
@@ -344,12 +325,3 @@ class SkipJoinMLFQScheduler(Scheduler):
                 self.num_demotions_declined += 1
 
 
-
-@dataclass
-class _Plan:
-    selected: dict[str, ScheduledRequest]
-    swap_out: list[BlockSwap]
-    swap_in: list[BlockSwap]
-
-    def __init__(self) -> None:
-        self.selected, self.swap_out, self.swap_in = {}, [], []

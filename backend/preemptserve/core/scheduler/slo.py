@@ -8,6 +8,9 @@ that, so hopeless requests only get what is left.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..request import Request
 
 # The value of a request that already missed its SLO, relative to its pending time.
@@ -40,10 +43,29 @@ class SLOTracker:
         slo = request.tbt_slo_s
         return self.default_tbt_slo_s if slo is None else slo
 
-    def add(self, request: Request, now_s: float) -> None:
+    def add(self, request: Request, now_s: float,
+            state: Mapping[str, Any] | None = None) -> None:
+        """Track a request from ``now_s``, or with the ``state`` another engine's tracker
+        exported (ages, not clock readings: clocks differ between processes)."""
         request_id = request.request_id
+        if state:
+            self._arrival_s[request_id] = now_s - float(state["age_s"])
+            self._last_token_s[request_id] = now_s - float(state["pending_s"])
+            self._num_tbt_misses[request_id] = int(state["num_tbt_misses"])
+            if state["lost"]:
+                self._lost.add(request_id)
+            return
         self._arrival_s[request_id] = self._last_token_s[request_id] = now_s
         self._num_tbt_misses[request_id] = 0
+
+    def export(self, request_id: str, now_s: float) -> dict[str, Any]:
+        return {"age_s": now_s - self._arrival_s[request_id],
+                "pending_s": now_s - self._last_token_s[request_id],
+                "num_tbt_misses": self._num_tbt_misses[request_id],
+                "lost": request_id in self._lost}
+
+    def arrival_s(self, request_id: str) -> float:
+        return self._arrival_s[request_id]
 
     def remove(self, request_id: str) -> None:
         for table in (self._arrival_s, self._last_token_s, self._num_tbt_misses):
