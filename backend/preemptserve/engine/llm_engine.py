@@ -14,26 +14,21 @@ import torch
 
 from ..config import EngineConfig
 from ..core.block_manager import BlockManager
+from ..core.cache_sizes import pool_sizes
 from ..core.cost_model import CostModel
-from ..core.request import FINISH_REASONS, CacheMode, Request, RequestStatus, SamplingParams
+from ..core.request import CacheMode, Request, RequestStatus, SamplingParams
 from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
 from .executor import Executor, LocalExecutor, ShardSpec
 from .iteration_stats import IterationStats
-from .kv_cache import (
-    bytes_per_block,
-    hidden_bytes_per_token,
-    hidden_tokens_per_block,
-    kv_bytes_per_token,
-    num_blocks_for_budget,
-)
+from .kv_cache import hidden_bytes_per_token, hidden_tokens_per_block, kv_bytes_per_token
 from .profiling import (
     load_profile_file,
     measure_hidden_recompute_cost,
     measure_prefill_profile,
 )
-from .sampler import SamplingState
+from .sampler import SamplingState, new_generator
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,13 +75,6 @@ class EngineStats:
     num_mixed_mode_steps_total: int = 0  # iterations whose batch held both modes
 
 
-@dataclass
-class _Tracked:
-    request: Request
-    sampling: SamplingState
-    detokenizer: IncrementalDetokenizer
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,20 +105,21 @@ class LLMEngine:
 
         # Block counts come from the whole model's bytes per block: the budgets are totals
         # over the ranks, so the schedule does not depend on tensor_parallel_size.
-        block_size = config.cache.block_size
-        num_blocks = num_blocks_for_budget(
-            self.args, block_size, self.dtype, config.cache.kv_cache_bytes
-        )
-        block_bytes = bytes_per_block(self.args, block_size, self.dtype)
-        num_host_blocks = config.cache.host_kv_cache_bytes // block_bytes
         self.kv_bytes_per_token = kv_bytes_per_token(self.args, self.dtype)
         self.hidden_bytes_per_token = hidden_bytes_per_token(self.args, self.dtype)
-        tokens_per_hidden_block, self.hidden_unavailable_reason = hidden_tokens_per_block(
-            self.args, block_size, self.tensor_parallel_size)
+        _, self.hidden_unavailable_reason = hidden_tokens_per_block(
+            self.args, config.cache.block_size, self.tensor_parallel_size)
         if not config.cache.enable_hidden_cache:
-            tokens_per_hidden_block, self.hidden_unavailable_reason = 0, "disabled by config"
+            self.hidden_unavailable_reason = "disabled by config"
+        sizes = pool_sizes(config.cache, self.kv_bytes_per_token,
+                           self.args.max_position_embeddings,
+                           hidden_possible=not self.hidden_unavailable_reason,
+                           max_model_len=config.max_model_len)
+        block_size, num_blocks, num_host_blocks = (
+            sizes.block_size, sizes.num_blocks, sizes.num_host_blocks)
+        block_bytes = sizes.block_bytes
         self.block_manager = BlockManager(num_blocks, block_size, num_host_blocks,
-                                          hidden_tokens_per_block=tokens_per_hidden_block)
+                                          hidden_tokens_per_block=sizes.hidden_tokens_per_block)
         spec = ShardSpec(model_dir=self.model_dir, device=str(self.device), dtype=self.dtype,
                          block_size=block_size, num_blocks=num_blocks,
                          num_host_blocks=num_host_blocks)
@@ -147,10 +136,6 @@ class LLMEngine:
         self.cost_model = self._cost_model()
         self.scheduler: Scheduler = create_scheduler(
             config.scheduler, self.block_manager, cost_model=self.cost_model)
-        self._tracked: dict[str, _Tracked] = {}
-        # Requests never scheduled yet (first_scheduled_time_s is None): the queue that
-        # max_queue_size bounds. Kept up to date per step from the batch alone.
-        self._queued: set[str] = set()
         self._num_generated_tokens_total = 0
         self._num_hidden_tokens_total = 0
         self._num_mixed_mode_steps_total = 0
@@ -221,7 +206,7 @@ class LLMEngine:
         ``cache_mode`` is the request's starting mode; the policy may change it later.
         ``ttft_slo_s`` / ``tbt_slo_s`` override the configured latency objectives.
         """
-        if request_id in self._tracked:
+        if request_id in self.scheduler.requests or request_id in self.scheduler.detached:
             raise ValueError(f"duplicate request id {request_id!r}")
         if cache_mode is CacheMode.HIDDEN and not self.block_manager.supports_hidden:
             raise ValueError(
@@ -252,26 +237,21 @@ class LLMEngine:
             cache_mode=cache_mode,
             ttft_slo_s=ttft_slo_s,
             tbt_slo_s=tbt_slo_s,
-        )
-        self.scheduler.add_request(request)
-        self._tracked[request_id] = _Tracked(
-            request=request,
-            sampling=SamplingState.create(sampling, self.device),
+            generator=new_generator(sampling, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, sampling.stop),
         )
-        self._queued.add(request_id)
+        self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Remove a request (cancelled); its blocks return. None if unknown or done."""
-        tracked = self._tracked.pop(request_id, None)
-        if tracked is None:
+        request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        if request is None:
             return None
-        self._queued.discard(request_id)
-        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self.block_manager.unpin(request_id)  # if it was being moved
         return RequestOutput(
             request_id=request_id, text="", token_ids=[], finished=True,
-            finish_reason="abort", num_prompt_tokens=tracked.request.num_prompt_tokens,
-            num_output_tokens=tracked.request.num_output_tokens,
+            finish_reason=request.finish_reason, num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
         )
 
     @property
@@ -284,19 +264,15 @@ class LLMEngine:
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._tracked)
+        return self.scheduler.has_unfinished()
 
     def num_unfinished_requests(self) -> int:
-        return len(self._tracked)
+        return len(self.scheduler.requests)
 
     def num_queued_requests(self) -> int:
-        """Requests accepted and never scheduled (``first_scheduled_time_s is None``).
-
-        Unlike the scheduler's ``num_waiting`` this leaves out requests preempted after
-        they started: they were served already and hold, or held, KV. This is the queue
-        ``max_queue_size`` bounds.
-        """
-        return len(self._queued)
+        """Requests accepted and never scheduled: the queue ``max_queue_size`` bounds
+        (requests preempted after they started are not in it)."""
+        return self.scheduler.num_waiting
 
     # -- the step --------------------------------------------------------------------------
 
@@ -304,19 +280,29 @@ class LLMEngine:
         """Schedule, execute and post-process one iteration."""
         timestamp, start = time.time(), time.perf_counter()
         output = self.scheduler.schedule()
-        if self._queued:
-            for item in output.scheduled:  # a request starts when it is first scheduled
-                self._queued.discard(item.request_id)
-        results: list[RequestOutput] = []
-        states = {item.request_id: self._tracked[item.request_id].sampling
-                  for item in output.scheduled if item.sample}
+        requests = self.scheduler.requests
+        states = {}
+        for item in output.scheduled:
+            if item.sample:
+                request = requests[item.request_id]
+                states[item.request_id] = SamplingState(
+                    request.sampling, request.generator, request.num_output_tokens)
         sampled = self.executor.execute(output, states)
         self._count_cache_modes(output)
         # The iteration's measured time is the service each scheduled job received.
         self._last_step_s = time.perf_counter() - start
-        self.scheduler.update_from_output(output, sampled, self._last_step_s)
-        for request_id, token_id in sampled.items():
-            results.append(self._process_token(request_id, token_id))
+        # Text first: whether a stop word ended it is the scheduler's decision, with the
+        # rest of the finishing rule.
+        sampled_requests = [requests[request_id] for request_id in sampled]
+        stop_hits = set()
+        for request, token_id in zip(sampled_requests, sampled.values(), strict=True):
+            request.detokenizer.append(token_id)
+            if request.detokenizer.find_stop(
+                    enabled=request.sampling.may_stop_at(request.num_output_tokens)):
+                stop_hits.add(request.request_id)
+        self.scheduler.update_from_output(output, sampled, self._last_step_s, stop_hits)
+        results = [self._output(request, token_id)
+                   for request, token_id in zip(sampled_requests, sampled.values(), strict=True)]
         self._num_generated_tokens_total += len(results)
         if self.record_iteration_stats:
             self._record_iteration(output, timestamp, start)
@@ -326,7 +312,7 @@ class LLMEngine:
         sched, bm = self.scheduler, self.block_manager
         self.last_iteration = IterationStats.of_step(
             self._num_iterations, output, timestamp, start, self._last_step_s, bm.block_size,
-            num_unfinished=len(self._tracked),
+            num_unfinished=len(sched.requests),
             num_waiting=sched.num_waiting,
             num_running=sched.num_running,
             num_preempted=sched.num_preempted,
@@ -342,24 +328,15 @@ class LLMEngine:
             if num_hidden_tokens < output.num_batched_tokens:
                 self._num_mixed_mode_steps_total += 1
 
-    def _process_token(self, request_id: str, token_id: int) -> RequestOutput:
-        tracked = self._tracked[request_id]
-        request = tracked.request
-        tracked.sampling.num_output_tokens += 1
-        detok = tracked.detokenizer
-        detok.append(token_id)
-        stops_enabled = request.num_output_tokens >= request.sampling.min_length
-        if not request.is_finished and detok.find_stop(enabled=stops_enabled):
-            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+    @staticmethod
+    def _output(request: Request, token_id: int) -> RequestOutput:
         finished = request.is_finished
-        if finished:
-            del self._tracked[request_id]
         return RequestOutput(
-            request_id=request_id,
-            text=detok.take_delta(finished),
+            request_id=request.request_id,
+            text=request.detokenizer.take_delta(finished),
             token_ids=[token_id],
             finished=finished,
-            finish_reason=FINISH_REASONS.get(request.status),
+            finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
         )
@@ -377,8 +354,8 @@ class LLMEngine:
             last_step_s=self._last_step_s,
             num_host_blocks_used=self.block_manager.num_used_host_blocks,
             num_host_blocks_total=self.block_manager.num_host_blocks,
-            num_swap_outs_total=self.swapper.stats.num_swap_outs,
-            num_swap_ins_total=self.swapper.stats.num_swap_ins,
+            num_swap_outs_total=self.scheduler.num_swap_outs,
+            num_swap_ins_total=self.scheduler.num_swap_ins,
             # Every rank moves its slice of the same blocks.
             swap_out_bytes_total=self.swapper.stats.bytes_out * self.tensor_parallel_size,
             swap_in_bytes_total=self.swapper.stats.bytes_in * self.tensor_parallel_size,
