@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import signal
 import statistics
@@ -69,6 +68,7 @@ from preemptserve.config import EngineConfig, serving_config_from_parameters
 from preemptserve.core.request import SamplingParams
 from preemptserve.engine import model_runner
 from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.pbtxt import read_parameters
 from preemptserve.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 logger = logging.getLogger("bench_throughput")
@@ -122,11 +122,7 @@ def build_prompts(engine: LLMEngine, num_prompts: int, num_tokens: int) -> list[
 
 def serving_config_from_pbtxt(path: Path) -> EngineConfig:
     """The engine config the ``llm`` model is served with (its ``parameters`` blocks)."""
-    pattern = re.compile(
-        r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"'
-    )
-    text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
-    return serving_config_from_parameters(dict(pattern.findall(text))).engine
+    return serving_config_from_parameters(read_parameters(path)).engine
 
 
 # -- machine ----------------------------------------------------------------------------

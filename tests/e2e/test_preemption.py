@@ -9,17 +9,16 @@ offloaded to host memory to make room. Outputs are the same under both policies.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from stream_client import stream_generate
 
-from preemptserve.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
+from preemptserve.bench.server import write_repository  # the other e2e tests import it here
+from preemptserve.triton_server import TritonServer
 
 NUM_LONG, LONG_TOKENS = 6, 240
 NUM_SHORT, SHORT_TOKENS = 4, 8
@@ -32,21 +31,6 @@ PARAMETERS = {
     "kv_cache_host_memory_bytes": str(128 * 2**19),
     "mlfq_base_quantum_ms": "20",
 }
-
-
-def write_repository(root: Path, parameters: dict[str, str]) -> Path:
-    """A copy of the project's model repository with some config.pbtxt parameters changed."""
-    repo = root / "model_repository"
-    shutil.copytree(DEFAULT_MODEL_REPOSITORY, repo,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    config = repo / "llm" / "config.pbtxt"
-    text = config.read_text()
-    for key, value in parameters.items():
-        text, count = re.subn(
-            rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', text)
-        assert count == 1, key
-    config.write_text(text)
-    return repo
 
 
 def metric_sum(metrics_url: str, name: str) -> float:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from preemptserve.config import (
     CacheConfig,
@@ -16,20 +17,10 @@ from preemptserve.config import (
     parameter_names,
     serving_config_from_parameters,
 )
+from preemptserve.pbtxt import parse_parameters, read_parameters, set_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIG_PBTXT = REPO_ROOT / "model_repository" / "llm" / "config.pbtxt"
-
-_PARAMETER_RE = re.compile(
-    r'parameters\s*\{\s*key:\s*"([^"]*)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}'
-)
-
-
-def pbtxt_parameters(text: str) -> dict[str, str]:
-    """The ``parameters { key: ... value: { string_value: ... } }`` entries of a config."""
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    return dict(_PARAMETER_RE.findall("\n".join(lines)))
-
 
 def test_no_parameters_gives_defaults() -> None:
     assert serving_config_from_parameters({}) == ServingConfig()
@@ -135,20 +126,42 @@ def test_non_positive_cancellation_period_is_rejected(value: str) -> None:
         serving_config_from_parameters({"cancellation_check_period_ms": value})
 
 
-def test_pbtxt_regex_reads_parameters() -> None:
+def test_pbtxt_reads_parameters() -> None:
     text = """
+    name: "llm"
     # parameters { key: "commented_out" value: { string_value: "x" } }
     parameters { key: "max_batch_size" value: { string_value: "8" } }
     parameters {
       key: "max_model_len"
       value: { string_value: "" }
     }
+    parameters { key: "model_dir" value { string_value: 'a "quoted" # path' } }
     """
-    assert pbtxt_parameters(text) == {"max_batch_size": "8", "max_model_len": ""}
+    assert parse_parameters(text) == {
+        "max_batch_size": "8", "max_model_len": "", "model_dir": 'a "quoted" # path'}
+
+
+def test_pbtxt_rejects_what_triton_would() -> None:
+    with pytest.raises(ValueError, match="bad.pbtxt is not a valid model config"):
+        parse_parameters('parameters { key: "x" value: { string_valu: "1" } }', "bad.pbtxt")
+
+
+def test_pbtxt_parameters_are_replaced_or_added_and_the_rest_is_kept() -> None:
+    text = MODEL_CONFIG_PBTXT.read_text()
+    before = parse_parameters(text)
+    assert "not_shipped" not in before
+    changes = {"max_batch_size": "4", "model_dir": 'C:\\models\\"x"', "not_shipped": "1"}
+    written = set_parameters(text, changes)
+    assert parse_parameters(written) == {**before, **changes}
+    original = text_format.Parse(text, model_config_pb2.ModelConfig())
+    changed = text_format.Parse(written, model_config_pb2.ModelConfig())
+    changed.ClearField("parameters")
+    original.ClearField("parameters")
+    assert changed == original  # inputs, outputs, decoupled policy, instance groups
 
 
 def test_shipped_config_pbtxt_is_accepted() -> None:
-    parameters = pbtxt_parameters(MODEL_CONFIG_PBTXT.read_text())
+    parameters = read_parameters(MODEL_CONFIG_PBTXT)
     assert parameters, f"no parameters found in {MODEL_CONFIG_PBTXT}"
     for name in parameters:
         assert name in parameter_names(), f"{name} in config.pbtxt is not a known parameter"
@@ -162,7 +175,7 @@ def test_shipped_config_pbtxt_is_accepted() -> None:
 def test_shipped_policy_is_registered() -> None:
     from preemptserve.core.scheduler import available_policies
 
-    parameters = pbtxt_parameters(MODEL_CONFIG_PBTXT.read_text())
+    parameters = read_parameters(MODEL_CONFIG_PBTXT)
     assert parameters["scheduler_policy"] in available_policies()
 
 

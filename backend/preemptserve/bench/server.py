@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 import urllib.request
@@ -12,42 +11,36 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config import parameter_names
+from ..pbtxt import read_parameters, set_parameters
 from ..triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "llm"
-_PARAMETER = re.compile(
-    r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"'
-)
 
 
 def served_parameters(repository: Path = DEFAULT_MODEL_REPOSITORY) -> dict[str, str]:
-    """The ``config.pbtxt`` parameters of the ``llm`` model (comments ignored)."""
-    text = (repository / MODEL_NAME / "config.pbtxt").read_text()
-    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
-    return dict(_PARAMETER.findall(text))
+    """The ``config.pbtxt`` parameters of the ``llm`` model."""
+    return read_parameters(repository / MODEL_NAME / "config.pbtxt")
 
 
 def write_repository(
     root: Path, parameters: Mapping[str, str], source: Path = DEFAULT_MODEL_REPOSITORY
 ) -> Path:
-    """A copy of ``source`` under ``root`` with ``parameters`` set (replaced or appended)."""
+    """A copy of ``source`` under ``root`` with ``parameters`` set (replaced or added).
+
+    Raises ``ValueError`` on a name the model does not know (the server would refuse to
+    load it; this says so before one starts).
+    """
+    unknown = sorted(set(parameters) - set(parameter_names()))
+    if unknown:
+        raise ValueError(f"unknown model parameter(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(parameter_names())}")
     repo = root / "model_repository"
     shutil.copytree(source, repo, ignore=shutil.ignore_patterns("__pycache__"))
     config = repo / MODEL_NAME / "config.pbtxt"
-    text = config.read_text()
-    for key, value in parameters.items():
-        pattern = (
-            rf'(parameters\s*\{{\s*key:\s*"{re.escape(key)}"'
-            r'\s*value:\s*\{\s*string_value:\s*)"[^"]*"'
-        )
-        text, count = re.subn(pattern, rf'\g<1>"{value.replace(chr(92), chr(92) * 2)}"', text)
-        if count == 0:
-            text += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
-        elif count > 1:
-            raise RuntimeError(f"parameter {key} appears {count} times in {config}")
-    config.write_text(text)
+    config.write_text(set_parameters(config.read_text(), parameters, source=str(config)))
     return repo
 
 
