@@ -7,6 +7,15 @@ engine thread). Callbacks of one request run in order. Every submitted request g
 exactly one output with ``finished=True`` (a result, a cancellation, or an error),
 whatever happens.
 
+One table holds every request from ``submit`` until its final output is sent, under one
+lock, with the request's stage: ``SUBMITTED`` (in the inbox), ``IN_ENGINE`` (added to the
+engine: its outputs go to the sender), ``ENDED`` (its final output is queued for the
+sender; the sender removes it from the table as it sends that output). Only the engine
+thread moves a request forward (``submit`` aside), so it alone decides which output is the
+final one; the sender polls ``is_cancelled()`` of the requests not ``ENDED`` and removes
+sent ones. A cancel for a request that is not in the engine (never admitted, or already
+ended or sent) does nothing.
+
 When the engine reports a failure it cannot recover from (a tensor-parallel rank died),
 the loop fails every request in flight, rejects every later one with the reason, and
 calls ``on_failure`` once: the model is unhealthy from then on.
@@ -17,15 +26,16 @@ is None``): submissions still in the inbox plus the engine's never-scheduled req
 Requests preempted after they started do not count: they were served already and the
 policy, not the queue, decides when they resume. ``submit`` refuses a request beyond the
 limit at once, in the caller's thread, with ``QueueFullError``: it never reaches the
-inbox, the engine thread or the scheduler. The count is shared under a lock: submitters
-add to the inbox share, the engine thread moves requests from the inbox to the engine and
-publishes the engine's count after every admission and every iteration. Between two
-publications the engine thread only schedules or removes requests, so the published count
-is never below the true one and the limit holds at every instant.
+inbox, the engine thread or the scheduler. The counts live under the table's lock:
+submitters add to the inbox share, the engine thread moves requests from the inbox to the
+engine and publishes the engine's count after every admission and every iteration.
+Between two publications the engine thread only schedules or removes requests, so the
+published count is never below the true one and the limit holds at every instant.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -53,7 +63,13 @@ class QueueFullError(RuntimeError):
 OutputCallback = Callable[[RequestOutput, str | None], None]  # (output, error message)
 
 
-@dataclass
+class _Stage(enum.Enum):
+    SUBMITTED = "submitted"  # in the inbox
+    IN_ENGINE = "in_engine"  # added to the engine; its outputs go to the sender
+    ENDED = "ended"  # final output queued for the sender; removed from the table once sent
+
+
+@dataclass(eq=False)
 class _Submission:
     request_id: str
     prompt: str
@@ -62,7 +78,14 @@ class _Submission:
     is_cancelled: Callable[[], bool] | None
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
-    cancel_requested: bool = False
+    stage: _Stage = _Stage.SUBMITTED  # under EngineLoop._lock
+    polling: bool = False  # sender thread only: is_cancelled() is still asked
+
+    def __post_init__(self) -> None:
+        self.polling = self.is_cancelled is not None
+
+
+_Send = tuple[_Submission, RequestOutput, str | None]
 
 
 class EngineLoop:
@@ -88,22 +111,21 @@ class EngineLoop:
         self._on_failure = on_failure
         self._failure: str | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._active: dict[str, _Submission] = {}
         self._cancel_period_s = cancellation_check_period_s
         self._on_stats = on_stats
         self._stats_period_s = stats_period_s
-        self._outbox: queue.SimpleQueue[tuple[_Submission, RequestOutput, str | None] | None]
-        self._outbox = queue.SimpleQueue()
-        # Requests whose final output has not been sent yet, for the cancellation poll.
-        self._unsent: dict[str, _Submission] = {}
-        self._unsent_lock = threading.Lock()
-        # Admission control, under the lock: submissions in the inbox, and the engine's
-        # never-scheduled requests as the engine thread last published them.
+        self._outbox: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
+        # Under the lock: every request from submit until its final output is sent, the
+        # admission counts (submissions in the inbox, and the engine's never-scheduled
+        # requests as the engine thread last published them), and whether the engine
+        # thread has stopped taking submissions.
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Submission] = {}
         self._max_queue_size = max_queue_size
-        self._admission_lock = threading.Lock()
         self._num_in_inbox = 0
         self._num_queued_in_engine = 0
         self._num_rejected = 0
+        self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sender = threading.Thread(target=self._send, name="response-sender", daemon=True)
@@ -125,31 +147,42 @@ class EngineLoop:
         """Queue a request; returns its internal id. Never raises for bad input.
 
         Raises ``QueueFullError`` (nothing else happens: no callback, no trace of the
-        request) when ``max_queue_size`` requests are waiting.
+        request) when ``max_queue_size`` requests are waiting. After shutdown the request
+        ends with an error at once (its callback runs if the sender still does).
         """
-        with self._admission_lock:
+        request_id = uuid.uuid4().hex
+        sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
+                          ttft_slo_s, tbt_slo_s)
+        with self._lock:
+            if self._closed:  # ended at once, never in the table: nothing to poll or leak
+                sub.stage = _Stage.ENDED
+                self._outbox.put((sub, _final(request_id, "error"), self._closed_reason()))
+                return request_id
             if (self._max_queue_size
                     and self._num_in_inbox + self._num_queued_in_engine >= self._max_queue_size):
                 self._num_rejected += 1
                 raise QueueFullError(self._max_queue_size)
             self._num_in_inbox += 1
-        request_id = uuid.uuid4().hex
-        sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
-                          ttft_slo_s, tbt_slo_s)
-        if is_cancelled is not None:
-            with self._unsent_lock:
-                self._unsent[request_id] = sub
-        self._inbox.put(("submit", sub))
+            self._requests[request_id] = sub
+            # In the inbox before any cancel for it can be: the sender sees it in the table.
+            self._inbox.put(("submit", sub))
         return request_id
 
     def cancel(self, request_id: str) -> None:
+        """End a request with ``finish_reason="abort"``; nothing if it has ended already."""
         self._inbox.put(("cancel", request_id))
 
     @property
     def num_queued(self) -> int:
         """Requests waiting as the limit counts them (in the inbox, or never scheduled)."""
-        with self._admission_lock:
+        with self._lock:
             return self._num_in_inbox + self._num_queued_in_engine
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted whose final output has not been sent yet."""
+        with self._lock:
+            return len(self._requests)
 
     @property
     def num_rejected_total(self) -> int:
@@ -170,9 +203,28 @@ class EngineLoop:
         self._sender.join(timeout_s)
         self.engine.shutdown()
 
+    def _closed_reason(self) -> str:
+        if self._failure is not None:
+            return f"the model is unhealthy: {self._failure}"
+        return "the model is shutting down"
+
     # -- the loop thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # a bug in the loop itself must not strand requests either
+            logger.exception("the serving loop failed")
+            self._mark_failed("internal error in the serving loop")
+        finally:
+            with self._lock:  # later submissions end at once; none enters the inbox any more
+                self._closed = True
+            self._drain_inbox(block=False)  # stopping: these submissions end with an error
+            self._fail_all("the model is shutting down")
+            if self._iteration_log is not None:
+                self._iteration_log.close()
+
+    def _serve(self) -> None:
         last_stats = time.monotonic()
         stats_dirty = True
         while not self._stop.is_set():
@@ -191,8 +243,7 @@ class EngineLoop:
                     else:
                         self._fail_all("internal error in the engine step")
                     continue
-                for output in outputs:
-                    self._deliver(output)
+                self._deliver(outputs)
                 if self._iteration_log is not None and self.engine.last_iteration is not None:
                     self._iteration_log.write(self.engine.last_iteration)
                     if not self.engine.has_unfinished_requests():
@@ -204,9 +255,6 @@ class EngineLoop:
                 self._on_stats(self.engine.get_stats())
                 last_stats, stats_dirty = now, not idle
             self._publish_queued()
-        self._fail_all("the model is shutting down")
-        if self._iteration_log is not None:
-            self._iteration_log.close()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -234,54 +282,70 @@ class EngineLoop:
             except Exception:
                 logger.exception("on_failure callback failed")
 
-    def _publish_queued(self, num_admitted: int = 0) -> None:
-        """Share the engine's never-scheduled count with submitters (engine thread only);
-        ``num_admitted`` submissions left the inbox since the last call."""
-        with self._admission_lock:
-            self._num_in_inbox -= num_admitted
-            self._num_queued_in_engine = self.engine.num_queued_requests()
+    def _publish_queued(self) -> None:
+        """Share the engine's never-scheduled count with submitters (engine thread only)."""
+        num_queued = self.engine.num_queued_requests()
+        with self._lock:
+            self._num_queued_in_engine = num_queued
 
     def _admit(self, sub: _Submission) -> None:
-        try:
-            self._add(sub)
-        finally:  # in the engine or answered: it leaves the inbox's share either way
-            self._publish_queued(num_admitted=1)
-
-    def _add(self, sub: _Submission) -> None:
+        """Inbox -> engine, or -> ended with an error (engine thread only)."""
+        error = None
         if self._failure is not None:
-            self._call(sub, _final(sub.request_id, "error"),
-                       f"the model is unhealthy: {self._failure}")
-            return
-        try:
-            self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
-                                    ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s)
-        except ValueError as exc:
-            self._call(sub, _final(sub.request_id, "error"), str(exc))
-            return
-        self._active[sub.request_id] = sub
+            error = f"the model is unhealthy: {self._failure}"
+        elif self._stop.is_set() or self._closed:
+            error = "the model is shutting down"
+        else:
+            try:
+                self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
+                                        ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s)
+            except ValueError as exc:  # bad input: the message is for the client
+                error = str(exc)
+            except Exception:
+                logger.exception("adding request %s failed", sub.request_id)
+                error = "internal error while adding the request"
+        num_queued = self.engine.num_queued_requests()
+        with self._lock:  # it leaves the inbox's share either way, in one publication
+            self._num_in_inbox -= 1
+            self._num_queued_in_engine = num_queued
+            sub.stage = _Stage.IN_ENGINE if error is None else _Stage.ENDED
+        if error is not None:
+            self._outbox.put((sub, _final(sub.request_id, "error"), error))
 
     def _abort(self, request_id: str) -> None:
-        sub = self._active.pop(request_id, None)
+        with self._lock:
+            sub = self._requests.get(request_id)
+            if sub is None or sub.stage is not _Stage.IN_ENGINE:
+                return  # ended already (or sent and gone): its final output is on its way
+            sub.stage = _Stage.ENDED
         output = self.engine.abort_request(request_id)
-        if sub is not None and output is not None:
-            self._call(sub, output, None)
+        self._outbox.put((sub, output or _final(request_id, "abort"), None))
 
-    def _deliver(self, output: RequestOutput) -> None:
-        sub = self._active.get(output.request_id)
-        if sub is None:
-            return
-        if output.finished:
-            del self._active[output.request_id]
-        self._call(sub, output, None)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        sends: list[_Send] = []
+        with self._lock:
+            for output in outputs:
+                sub = self._requests.get(output.request_id)
+                if sub is None or sub.stage is not _Stage.IN_ENGINE:
+                    continue
+                if output.finished:
+                    sub.stage = _Stage.ENDED
+                sends.append((sub, output, None))
+        for send in sends:
+            self._outbox.put(send)
 
     def _fail_all(self, message: str) -> None:
-        for request_id, sub in list(self._active.items()):
-            self.engine.abort_request(request_id)
-            del self._active[request_id]
-            self._call(sub, _final(request_id, "error"), message)
-
-    def _call(self, sub: _Submission, output: RequestOutput, error: str | None) -> None:
-        self._outbox.put((sub, output, error))
+        """End every request in the engine with ``message`` (engine thread only)."""
+        with self._lock:
+            subs = [sub for sub in self._requests.values() if sub.stage is _Stage.IN_ENGINE]
+            for sub in subs:
+                sub.stage = _Stage.ENDED
+        for sub in subs:
+            try:
+                self.engine.abort_request(sub.request_id)  # its blocks return
+            except Exception:
+                logger.exception("aborting request %s failed", sub.request_id)
+            self._outbox.put((sub, _final(sub.request_id, "error"), message))
 
     # -- the sender thread -----------------------------------------------------------------
 
@@ -301,22 +365,31 @@ class EngineLoop:
                 next_check = time.monotonic() + self._cancel_period_s
 
     def _send_one(self, sub: _Submission, output: RequestOutput, error: str | None) -> None:
-        if output.finished:
-            with self._unsent_lock:
-                self._unsent.pop(sub.request_id, None)
+        if output.finished:  # the last thing that happens to it: it leaves the table
+            with self._lock:
+                self._requests.pop(sub.request_id, None)
         try:
             sub.on_output(output, error)
         except Exception:
             logger.exception("response callback failed for request %s", sub.request_id)
             if not output.finished:  # nobody can receive the rest: stop generating
+                sub.polling = False
                 self.cancel(sub.request_id)
 
     def _check_cancelled(self) -> None:
-        with self._unsent_lock:
-            subs = list(self._unsent.values())
+        with self._lock:
+            subs = [sub for sub in self._requests.values()
+                    if sub.polling and sub.stage is not _Stage.ENDED]
         for sub in subs:
-            if not sub.cancel_requested and sub.is_cancelled is not None and sub.is_cancelled():
-                sub.cancel_requested = True
+            try:
+                cancelled = sub.is_cancelled()  # type: ignore[misc]
+            except Exception:
+                logger.exception("is_cancelled() failed for request %s; no longer polled",
+                                 sub.request_id)
+                sub.polling = False
+                continue
+            if cancelled:
+                sub.polling = False
                 self.cancel(sub.request_id)
 
 
