@@ -74,8 +74,9 @@ class Scheduler(ABC):
         self.cost_model = cost_model
         # Unfinished requests the policy schedules, in arrival order.
         self.requests: dict[str, Request] = {}
-        # Requests handed to another engine and not yet committed or taken back.
-        self.detached: dict[str, Request] = {}
+        # Requests handed to another engine and not yet committed or taken back, with
+        # what the policy exported of them.
+        self.detached: dict[str, tuple[Request, PolicyState]] = {}
         self._num_by_status: Counter[RequestStatus] = Counter()
         self._running_ids: Collection[str] = ()
         self._finished_ids: list[str] = []  # left since the last plan
@@ -115,9 +116,10 @@ class Scheduler(ABC):
             raise ValueError(f"{status.name} is not a finished status")
         request = self.requests.get(request_id)
         if request is None:
-            request = self.detached.pop(request_id, None)
-            if request is None:
+            detached = self.detached.pop(request_id, None)
+            if detached is None:
                 return None
+            request = detached[0]
             self._insert(request, RequestStatus.MIGRATING)  # finished like any other below
         else:
             self._remove(request)
@@ -351,23 +353,24 @@ class Scheduler(ABC):
         del self.requests[request_id]
         self._num_by_status[request.status] -= 1
         request.status = RequestStatus.MIGRATING
-        self.detached[request_id] = request
+        self.detached[request_id] = (request, state)
         return state
 
-    def reattach(self, request_id: str, state: PolicyState) -> None:
+    def reattach(self, request_id: str) -> Request:
         """The move failed: the detached request resumes here with its state."""
-        request = self.detached.pop(request_id)
+        request, state = self.detached.pop(request_id)
         self._insert(request, self._resume_status(request))
         self._enqueue(request, state)
+        return request
 
     def release_detached(self, request_id: str) -> Request:
         """The move committed: the detached request's blocks are freed here."""
-        request = self.detached.pop(request_id)
+        request, _ = self.detached.pop(request_id)
         self.block_manager.free(request_id)
         self._finished_ids.append(request_id)
         return request
 
-    def adopt(self, request: Request, state: PolicyState) -> None:
+    def adopt(self, request: Request, state: PolicyState | None) -> None:
         """Take in a request moved from another engine (its blocks, if any, adopted by the
         block manager already), with the state its policy exported."""
         if request.request_id in self.requests or request.request_id in self.detached:
