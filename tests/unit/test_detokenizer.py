@@ -251,3 +251,42 @@ def test_stops_before_min_length_are_ignored_and_nothing_sent_is_taken_back(
             break
     assert stopped
     assert sent == detok.text == "one stop two "
+
+
+def test_echo_leads_the_text_and_is_never_searched_for_stops(tokenizer, prompt_ids) -> None:
+    # The echoed prompt contains the stop string; only generated text may stop.
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, ("say",), echo="Please say: ")
+    deltas = []
+    for token_id in output_ids(tokenizer, " hello there, say it"):
+        detok.append(token_id)
+        if detok.find_stop():
+            deltas.append(detok.take_delta(finished=True))
+            break
+        deltas.append(detok.take_delta(finished=False))
+    assert deltas[0].startswith("Please say: ")
+    assert "".join(deltas) == "Please say:  hello there, "
+
+
+def test_final_only_releases_everything_at_the_end(tokenizer, prompt_ids) -> None:
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, (), echo="Q: ", final_only=True)
+    ids = output_ids(tokenizer, NON_ASCII_TEXT)
+    for token_id in ids[:-1]:
+        detok.append(token_id)
+        assert detok.take_delta(finished=False) == ""
+    detok.append(ids[-1])
+    assert detok.take_delta(finished=True) == "Q: " + NON_ASCII_TEXT
+
+
+def test_exported_state_continues_identically(tokenizer, prompt_ids) -> None:
+    ids = output_ids(tokenizer, NON_ASCII_TEXT + " and more")
+    whole = IncrementalDetokenizer(tokenizer, prompt_ids, ("more",))
+    first = IncrementalDetokenizer(tokenizer, prompt_ids, ("more",))
+    expected, got = [], []
+    for i, token_id in enumerate(ids):
+        if i == len(ids) // 2:  # moved to another engine halfway
+            first = IncrementalDetokenizer.restore(tokenizer, first.export_state())
+        for detok, out in ((whole, expected), (first, got)):
+            detok.append(token_id)
+            stopped = detok.find_stop()
+            out.append(detok.take_delta(finished=stopped))
+    assert got == expected

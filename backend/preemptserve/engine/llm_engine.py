@@ -202,11 +202,16 @@ class LLMEngine:
         cache_mode: CacheMode = CacheMode.KV,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
+        *,
+        echo_prompt: bool = False,
+        stream: bool = True,
     ) -> None:
         """Validate and queue a request. Raises ``ValueError`` with a user-facing message.
 
         ``cache_mode`` is the request's starting mode; the policy may change it later.
         ``ttft_slo_s`` / ``tbt_slo_s`` override the configured latency objectives.
+        ``echo_prompt``: the output text starts with the prompt. ``stream=False``: every
+        output but the last has empty text, and the last has all of it.
         """
         if request_id in self.scheduler.requests or request_id in self.scheduler.detached:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -240,7 +245,11 @@ class LLMEngine:
             ttft_slo_s=ttft_slo_s,
             tbt_slo_s=tbt_slo_s,
             generator=new_generator(sampling, self.device),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, sampling.stop),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, sampling.stop,
+                echo=(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids))
+                if echo_prompt else "",
+                final_only=not stream),
         )
         self.scheduler.add_request(request)
 

@@ -40,25 +40,31 @@ class IncrementalDetokenizer:
     without a replacement character. With stop strings, the last ``len(stop) - 1``
     characters are held back until they can no longer start a stop string, and the
     stop string itself is never sent (vLLM's convention).
+
+    ``echo``: text that leads the output (the prompt, for clients that want it back);
+    stop strings are never looked for in it. ``final_only``: nothing is released until
+    the request finishes, then the whole text (non-streaming requests).
     """
 
     # Leading context decoded with each window so spacing rules see the previous token.
     _CONTEXT_TOKENS = 5
 
-    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int], stop: tuple[str, ...]):
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int], stop: tuple[str, ...],
+                 echo: str = "", final_only: bool = False):
         self._tokenizer = tokenizer
         self._ids = list(prompt_ids[-self._CONTEXT_TOKENS :])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = stop
         self._hold_chars = max((len(s) for s in stop), default=1) - 1
-        self.text = ""
+        self.text = echo
         self._num_sent_chars = 0
-        self._stop_floor = 0  # stops may only start at or after this character
+        self._stop_floor = len(echo)  # stops may only start at or after this character
+        self._final_only = final_only
 
     # What ``export_state`` carries: everything but the tokenizer.
     _STATE = ("_ids", "_prefix_offset", "_read_offset", "_stop", "_hold_chars", "text",
-              "_num_sent_chars", "_stop_floor")
+              "_num_sent_chars", "_stop_floor", "_final_only")
 
     def export_state(self) -> dict[str, object]:
         """Plain data that ``restore`` turns back into this detokenizer (another engine
@@ -106,6 +112,8 @@ class IncrementalDetokenizer:
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet sent; holds back a possible stop-string prefix unless finished."""
+        if self._final_only and not finished:
+            return ""
         held_from = max(self._stop_floor, len(self.text) - self._hold_chars)
         end = len(self.text) if finished else max(self._num_sent_chars, held_from)
         delta = self.text[self._num_sent_chars : end]

@@ -78,6 +78,8 @@ class _Submission:
     is_cancelled: Callable[[], bool] | None
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    echo_prompt: bool = False
+    stream: bool = True
     stage: _Stage = _Stage.SUBMITTED  # under EngineLoop._lock
     polling: bool = False  # sender thread only: is_cancelled() is still asked
 
@@ -143,8 +145,12 @@ class EngineLoop:
         *,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
+        echo_prompt: bool = False,
+        stream: bool = True,
     ) -> str:
         """Queue a request; returns its internal id. Never raises for bad input.
+
+        ``echo_prompt`` and ``stream`` shape the outputs' text (``LLMEngine.add_request``).
 
         Raises ``QueueFullError`` (nothing else happens: no callback, no trace of the
         request) when ``max_queue_size`` requests are waiting. After shutdown the request
@@ -152,7 +158,7 @@ class EngineLoop:
         """
         request_id = uuid.uuid4().hex
         sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
-                          ttft_slo_s, tbt_slo_s)
+                          ttft_slo_s, tbt_slo_s, echo_prompt, stream)
         with self._lock:
             if self._closed:  # ended at once, never in the table: nothing to poll or leak
                 sub.stage = _Stage.ENDED
@@ -298,7 +304,8 @@ class EngineLoop:
         else:
             try:
                 self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
-                                        ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s)
+                                        ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s,
+                                        echo_prompt=sub.echo_prompt, stream=sub.stream)
             except ValueError as exc:  # bad input: the message is for the client
                 error = str(exc)
             except Exception:

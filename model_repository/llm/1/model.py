@@ -17,12 +17,7 @@ import preemptserve
 from preemptserve.config import serving_config_from_parameters
 from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from preemptserve.serving.engine_loop import EngineLoop, QueueFullError
-from preemptserve.serving.protocol import (
-    INPUT_NAMES,
-    GenerateRequest,
-    InvalidRequest,
-    parse_generate_request,
-)
+from preemptserve.serving.protocol import INPUT_NAMES, InvalidRequest, parse_generate_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -105,9 +100,14 @@ class TritonPythonModel:
                             flags=FINAL)
                 continue
             try:
-                self.loop.submit(parsed.prompt, parsed.sampling, _Responder(sender, parsed),
+                self.loop.submit(parsed.prompt, parsed.sampling,
+                                 _Responder(sender, parsed.stream),
                                  is_cancelled=sender.is_cancelled, ttft_slo_s=parsed.ttft_slo_s,
-                                 tbt_slo_s=parsed.tbt_slo_s)
+                                 tbt_slo_s=parsed.tbt_slo_s,
+                                 # Like TensorRT-LLM and vLLM backends: the prompt leads
+                                 # the text unless excluded.
+                                 echo_prompt=not parsed.exclude_input_in_output,
+                                 stream=parsed.stream)
             except QueueFullError as exc:  # overloaded: refuse now rather than queue
                 self.metrics.rejected_queue_full.increment(1)
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
@@ -128,28 +128,24 @@ def _request_parameters(request) -> dict:
 
 
 class _Responder:
-    """Turns engine outputs into Triton responses for one request (loop thread only)."""
+    """Sends one request's engine outputs as Triton responses (the sender thread only).
 
-    def __init__(self, sender, request: GenerateRequest) -> None:
+    Holds no text: the engine shapes it (the prompt echoed, or all of it at the end for
+    a non-streaming request).
+    """
+
+    def __init__(self, sender, stream: bool) -> None:
         self.sender = sender
-        self.stream = request.stream
-        # Like TensorRT-LLM and vLLM backends: the prompt leads the text unless excluded.
-        self.pending = "" if request.exclude_input_in_output else request.prompt
+        self.stream = stream
 
     def __call__(self, output: RequestOutput, error: str | None) -> None:
         if error is not None:
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)),
                              flags=FINAL)
-            return
-        if output.finish_reason == "abort":  # cancelled: close the stream, nothing more
+        elif output.finish_reason == "abort":  # cancelled: close the stream, nothing more
             self.sender.send(flags=FINAL)
-            return
-        self.pending += output.text
-        if self.stream:
-            self.sender.send(_text_response(self.pending), flags=FINAL if output.finished else 0)
-            self.pending = ""
-        elif output.finished:
-            self.sender.send(_text_response(self.pending), flags=FINAL)
+        elif self.stream or output.finished:
+            self.sender.send(_text_response(output.text), flags=FINAL if output.finished else 0)
 
 
 def _text_response(text: str):
