@@ -7,14 +7,13 @@ the engine's migration seams only: export, read blocks, reserve, write, import, 
 from __future__ import annotations
 
 import pytest
+from engine_helpers import block_bytes, random_prompts
 
 from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import RequestStatus, SamplingParams
 from preemptserve.core.scheduler import BlockSwap, SchedulerOutput
 from preemptserve.engine.llm_engine import LLMEngine
 from preemptserve.sim.cost_model import IterationCostModel
-
-from engine_helpers import block_bytes, random_prompts
 
 POLICIES = ("fcfs", "skip_join_mlfq", "apt")
 BLOCK_SIZE = 8

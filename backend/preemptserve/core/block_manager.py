@@ -301,7 +301,8 @@ class BlockManager:
     def reserved_blocks(self, request_id: str, on_host: bool = False) -> tuple[int, ...]:
         return tuple((self._host_reserved if on_host else self._reserved).get(request_id, ()))
 
-    def adopt(self, request_id: str, hidden: bool = False, on_host: bool = False) -> tuple[int, ...]:
+    def adopt(self, request_id: str, hidden: bool = False,
+              on_host: bool = False) -> tuple[int, ...]:
         """Make the request's reservation in one tier its block table; returns the table.
 
         ``hidden``: the blocks hold hidden states (hidden-cache mode). Raises

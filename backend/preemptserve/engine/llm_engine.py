@@ -19,17 +19,18 @@ from ..core.cache_sizes import pool_sizes
 from ..core.cost_model import CostModel
 from ..core.request import CacheMode, Request, RequestStatus, SamplingParams
 from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
+from ..core.scheduler.load import InstanceLoad, instance_load
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
 from .executor import Executor, LocalExecutor, ShardSpec
 from .iteration_stats import IterationStats
 from .kv_cache import hidden_bytes_per_token, hidden_tokens_per_block, kv_bytes_per_token
+from .migration import RequestSnapshot
 from .profiling import (
     load_profile_file,
     measure_hidden_recompute_cost,
     measure_prefill_profile,
 )
-from .migration import RequestSnapshot
 from .sampler import SamplingState, generator_state, new_generator
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -273,6 +274,10 @@ class LLMEngine:
     #                  import_request(snapshot)           (continues where it stopped)
     # The source:      finish_export(id) once the destination has it (blocks freed), or
     #                  cancel_export(id) if the move failed (it resumes here).
+
+    def load(self) -> InstanceLoad:
+        """This instance's freeness as Llumnix defines it (``core/scheduler/load.py``)."""
+        return instance_load(self.scheduler)
 
     def migration_candidates(self) -> list[str]:
         """Requests that may move: started, holding their cache in either tier."""
