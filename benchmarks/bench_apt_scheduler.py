@@ -69,7 +69,7 @@ def run(num_candidates: int, memory_fraction: float, args: argparse.Namespace
                      int(memory_fraction * num_candidates * kv_blocks_each))
     config = SchedulerConfig(policy="apt", max_batch_size=num_candidates,
                              max_num_batched_tokens=num_candidates * args.prompt_tokens,
-                             ttft_slo_s=10.0, tbt_slo_s=1.0)
+                             options={"ttft_slo_s": 10.0, "tbt_slo_s": 1.0})
     clock = FakeClock()
     bm = BlockManager(num_blocks, BLOCK_SIZE, num_host_blocks=2 * num_candidates
                       * kv_blocks_each, hidden_tokens_per_block=2 * BLOCK_SIZE)

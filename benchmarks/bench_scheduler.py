@@ -239,7 +239,7 @@ def mass_promotion_ms(num_waiting: int, args: argparse.Namespace) -> float:
     The policy promotes at most a batch's worth per iteration; the rest follow.
     """
     scheduler, clock = build("skip_join_mlfq", num_waiting, args)
-    clock.now_s += scheduler.config.mlfq_starvation_threshold_s  # all waited that long
+    clock.now_s += scheduler.options.starvation_threshold_s  # all waited that long
     gc.collect()
     t0 = time.thread_time()
     scheduler.schedule()

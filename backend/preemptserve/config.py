@@ -1,53 +1,60 @@
 """Frozen configuration, validated once and built from config.pbtxt parameters in one place.
 
 No torch and no Triton imports here: the scheduler layer reads ``SchedulerConfig`` too.
+The parameters of a scheduling policy are not listed here: the policy declares them
+(``core/scheduler/parameters.py``) and ``serving_config_from_parameters`` asks the registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class FrozenOptions(Mapping[str, Any]):
+    """A read-only dict (hashable, picklable): a policy's options in ``SchedulerConfig``."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._values.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._values)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Iteration-level batching limits and the policy that fills each batch."""
+    """Iteration-level batching limits, and the policy that fills each batch.
+
+    ``options`` are the policy's own settings, by the field names of its options class
+    (declared next to the policy, see ``core/scheduler/parameters.py``), e.g.
+    ``SchedulerConfig(policy="skip_join_mlfq", options={"base_quantum_s": 0.01})``;
+    those not given keep the policy's defaults. The policy checks them when it is built
+    (``serving_config_from_parameters`` already has).
+    """
 
     policy: str = "fcfs"
     max_batch_size: int = 32
     max_num_batched_tokens: int = 512
-    # skip_join_mlfq: quantum of queue i is base * ratio**i; a job idle for the
-    # starvation threshold goes back to the top queue.
-    mlfq_base_quantum_s: float = 0.05
-    mlfq_quantum_ratio: float = 2.0
-    mlfq_num_queues: int = 6
-    mlfq_starvation_threshold_s: float = 2.0
-    # New jobs start (and may take a running job's place) only while fewer than this
-    # many times max_batch_size jobs hold KV: beyond it, arrivals wait their turn.
-    mlfq_max_started_factor: float = 2.0
-    # Share of device KV blocks kept free for arrivals by proactive offload.
-    kv_reserve_fraction: float = 0.05
-    # Latency objectives (apt schedules for them; requests may override both): a request
-    # meets its SLO if its time to first token and its P99 time between tokens are below.
-    ttft_slo_s: float = 2.0
-    tbt_slo_s: float = 0.5
+    options: Mapping[str, Any] = field(default_factory=FrozenOptions)
 
     def __post_init__(self) -> None:
-        if self.mlfq_base_quantum_s <= 0 or self.mlfq_quantum_ratio < 1:
-            raise ValueError("need mlfq_base_quantum_ms > 0 and mlfq_quantum_ratio >= 1")
-        if self.mlfq_num_queues < 1:
-            raise ValueError(f"mlfq_num_queues must be >= 1, got {self.mlfq_num_queues}")
-        if self.mlfq_starvation_threshold_s <= 0:
-            raise ValueError("mlfq_starvation_threshold_ms must be positive")
-        if self.mlfq_max_started_factor < 1:
-            raise ValueError(
-                f"mlfq_max_started_factor must be >= 1, got {self.mlfq_max_started_factor}")
-        if not 0.0 <= self.kv_reserve_fraction < 1.0:
-            raise ValueError(
-                f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}"
-            )
-        if not (self.ttft_slo_s > 0 and self.tbt_slo_s > 0):
-            raise ValueError("ttft_slo_ms and tbt_slo_ms must be positive")
+        if not isinstance(self.options, FrozenOptions):
+            object.__setattr__(self, "options", FrozenOptions(self.options))
         if self.max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_num_batched_tokens <= 0:
@@ -146,10 +153,6 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
-def _milliseconds(text: str) -> float:
-    return float(text) / 1000.0
-
-
 _PARAMETERS = {
     "model_dir": ("engine", "model_dir", str),
     "device": ("engine", "device", str),
@@ -162,14 +165,6 @@ _PARAMETERS = {
     "kv_block_size": ("cache", "block_size", int),
     "kv_cache_host_memory_bytes": ("cache", "host_kv_cache_bytes", int),
     "enable_hidden_cache": ("cache", "enable_hidden_cache", _parse_bool),
-    "kv_reserve_fraction": ("scheduler", "kv_reserve_fraction", float),
-    "mlfq_base_quantum_ms": ("scheduler", "mlfq_base_quantum_s", _milliseconds),
-    "mlfq_quantum_ratio": ("scheduler", "mlfq_quantum_ratio", float),
-    "mlfq_num_queues": ("scheduler", "mlfq_num_queues", int),
-    "mlfq_starvation_threshold_ms": ("scheduler", "mlfq_starvation_threshold_s", _milliseconds),
-    "mlfq_max_started_factor": ("scheduler", "mlfq_max_started_factor", float),
-    "ttft_slo_ms": ("scheduler", "ttft_slo_s", _milliseconds),
-    "tbt_slo_ms": ("scheduler", "tbt_slo_s", _milliseconds),
     "prefill_profile_path": ("engine", "prefill_profile_path", str),
     "tensor_parallel_size": ("engine", "tensor_parallel_size", int),
     "cancellation_check_period_ms": ("serving", "cancellation_check_period_ms", int),
@@ -183,24 +178,48 @@ _PARAMETERS = {
 def serving_config_from_parameters(parameters: Mapping[str, str]) -> ServingConfig:
     """Build the config from ``{name: string_value}``; empty values keep the default.
 
+    Besides the names above, a parameter may be one a registered scheduling policy
+    declares. Those of every registered policy are accepted and checked (one config.pbtxt
+    may carry settings for each policy, as the shipped one does), and only the chosen
+    policy's reach ``SchedulerConfig.options``: the others are ignored.
+
     Raises ``ValueError`` naming the parameter on an unknown name or a bad value.
     """
+    # Here, not at the top: the scheduler package imports this module.
+    from .core.scheduler.registry import (
+        options_from_parameters,
+        policy_class,
+        policy_parameter_names,
+    )
+
+    policy_names = policy_parameter_names()
     sections: dict[str, dict[str, object]] = {
         "engine": {}, "scheduler": {}, "cache": {}, "serving": {}
     }
+    policy_values: dict[str, str] = {}
     for name, raw in parameters.items():
-        if name not in _PARAMETERS:
-            known = ", ".join(sorted(_PARAMETERS))
+        if name not in _PARAMETERS and name not in policy_names:
+            known = ", ".join(sorted(_PARAMETERS.keys() | policy_names))
             raise ValueError(f"unknown parameter {name!r}; known: {known}")
         if raw is None or str(raw).strip() == "" or str(raw).startswith("${"):
+            continue
+        if name not in _PARAMETERS:
+            policy_values[name] = str(raw)
             continue
         section, key, parse = _PARAMETERS[name]
         try:
             sections[section][key] = parse(str(raw).strip())
         except ValueError as exc:
             raise ValueError(f"parameter {name}={raw!r}: {exc}") from exc
+    policy = str(sections["scheduler"].get("policy", SchedulerConfig.policy))
+    try:
+        policy_class(policy)
+    except ValueError as exc:
+        raise ValueError(f"parameter scheduler_policy={policy!r}: {exc}") from exc
+    scheduler = SchedulerConfig(**sections["scheduler"],  # type: ignore[arg-type]
+                                options=options_from_parameters(policy, policy_values))
     engine = EngineConfig(
-        scheduler=SchedulerConfig(**sections["scheduler"]),  # type: ignore[arg-type]
+        scheduler=scheduler,
         cache=CacheConfig(**sections["cache"]),  # type: ignore[arg-type]
         **sections["engine"],  # type: ignore[arg-type]
     )
@@ -208,12 +227,16 @@ def serving_config_from_parameters(parameters: Mapping[str, str]) -> ServingConf
 
 
 def parameter_names() -> list[str]:
-    return sorted(_PARAMETERS)
+    """Every accepted config.pbtxt name, the registered policies' included."""
+    from .core.scheduler.registry import policy_parameter_names
+
+    return sorted(_PARAMETERS.keys() | policy_parameter_names())
 
 
 __all__ = [
     "CacheConfig",
     "EngineConfig",
+    "FrozenOptions",
     "SchedulerConfig",
     "ServingConfig",
     "parameter_names",

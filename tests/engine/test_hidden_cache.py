@@ -76,8 +76,9 @@ def test_hidden_requests_swapped_to_host_and_back_stay_exact(default_model_dir,
     engine = LLMEngine(EngineConfig(
         model_dir=str(default_model_dir), device="cpu",
         scheduler=SchedulerConfig(policy="skip_join_mlfq", max_batch_size=3,
-                                  max_num_batched_tokens=64, mlfq_base_quantum_s=0.005,
-                                  kv_reserve_fraction=0.15),
+                                  max_num_batched_tokens=64,
+                                  options={"base_quantum_s": 0.005,
+                                           "kv_reserve_fraction": 0.15}),
         cache=CacheConfig(kv_cache_bytes=12 * block, block_size=8,
                           host_kv_cache_bytes=40 * block),
     ))

@@ -17,11 +17,13 @@ def make_mlfq_engine(model_dir, num_blocks: int, num_host_blocks: int) -> LLMEng
     return LLMEngine(EngineConfig(
         model_dir=str(model_dir), device="cpu",
         scheduler=SchedulerConfig(policy="skip_join_mlfq", max_batch_size=3,
-                                  max_num_batched_tokens=64, mlfq_base_quantum_s=0.005,
-                                  kv_reserve_fraction=0.15,
-                                  # No promotion: the slow CPU steps would promote
-                                  # every waiting job, and promoted jobs keep their level.
-                                  mlfq_starvation_threshold_s=600.0),
+                                  max_num_batched_tokens=64,
+                                  options={"base_quantum_s": 0.005,
+                                           "kv_reserve_fraction": 0.15,
+                                           # No promotion: the slow CPU steps would promote
+                                           # every waiting job, and promoted jobs keep
+                                           # their level.
+                                           "starvation_threshold_s": 600.0}),
         cache=CacheConfig(kv_cache_bytes=num_blocks * block, block_size=BLOCK_SIZE,
                           host_kv_cache_bytes=num_host_blocks * block),
     ))

@@ -24,6 +24,7 @@ from preemptserve.engine.llm_engine import LLMEngine
 from preemptserve.serving.engine_loop import EngineLoop
 
 BLOCK_SIZE = 8
+MLFQ_OPTIONS = {"base_quantum_s": 0.005, "kv_reserve_fraction": 0.15}
 
 
 def make_engine(
@@ -44,8 +45,7 @@ def make_engine(
                 policy=policy,
                 max_batch_size=max_batch_size,
                 max_num_batched_tokens=64,
-                mlfq_base_quantum_s=0.005,
-                kv_reserve_fraction=0.15,
+                options=MLFQ_OPTIONS if policy == "skip_join_mlfq" else {},
             ),
             cache=CacheConfig(
                 kv_cache_bytes=num_blocks * block,

@@ -47,7 +47,7 @@ class Driver:
                  tbt_slo_s: float = 0.1) -> None:
         config = SchedulerConfig(policy="apt", max_batch_size=max_batch_size,
                                  max_num_batched_tokens=max_num_batched_tokens,
-                                 ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s)
+                                 options={"ttft_slo_s": ttft_slo_s, "tbt_slo_s": tbt_slo_s})
         self.clock = FakeClock()
         self.bm = BlockManager(num_blocks, block_size, num_host_blocks,
                                hidden_tokens_per_block=2 * block_size if hidden else 0)

@@ -80,12 +80,14 @@ class Driver:
             policy="skip_join_mlfq",
             max_batch_size=max_batch_size,
             max_num_batched_tokens=max_num_batched_tokens,
-            mlfq_base_quantum_s=base_quantum_s,
-            mlfq_quantum_ratio=quantum_ratio,
-            mlfq_num_queues=num_queues,
-            mlfq_starvation_threshold_s=starvation_threshold_s,
-            kv_reserve_fraction=kv_reserve_fraction,
-            mlfq_max_started_factor=max_started_factor,
+            options={
+                "base_quantum_s": base_quantum_s,
+                "quantum_ratio": quantum_ratio,
+                "num_queues": num_queues,
+                "starvation_threshold_s": starvation_threshold_s,
+                "kv_reserve_fraction": kv_reserve_fraction,
+                "max_started_factor": max_started_factor,
+            },
         )
         self.clock = FakeClock()
         bm = BlockManager(num_blocks, block_size, num_host_blocks=num_host_blocks)
@@ -358,7 +360,7 @@ def check_state(scheduler: SkipJoinMLFQScheduler) -> None:
     assert scheduler.num_running <= scheduler.config.max_batch_size
     assert set(bm.owners()) <= set(scheduler.requests)
     for request_id, request in scheduler.requests.items():
-        assert 0 <= scheduler.level_of(request_id) < scheduler.config.mlfq_num_queues
+        assert 0 <= scheduler.level_of(request_id) < scheduler.options.num_queues
         assert not request.is_finished
         assert request.num_output_tokens < request.sampling.max_tokens
         covered = request.num_computed_tokens
@@ -387,7 +389,7 @@ def check_finished(driver: Driver, requests: Iterable[Request]) -> None:
     assert bm.owners() == []
     assert bm.num_free_blocks == bm.num_blocks, "device blocks leaked"
     assert bm.num_free_host_blocks == bm.num_host_blocks, "host blocks leaked"
-    assert driver.scheduler.queue_lengths() == [0] * driver.scheduler.config.mlfq_num_queues
+    assert driver.scheduler.queue_lengths() == [0] * driver.scheduler.options.num_queues
 
 
 # -- construction ------------------------------------------------------------------------

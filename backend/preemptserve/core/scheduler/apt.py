@@ -30,11 +30,14 @@ more than it costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..request import CacheMode, Request
 from .arrivals import WaitingArrivals
 from .base import Plan, PolicyState, Scheduler
 from .knapsack import Option, choose
 from .output import ScheduledRequest
+from .parameters import PolicyOptions, milliseconds, parameter, positive
 from .registry import register_policy
 from .slo import LOST_VALUE_SCALE, SLOTracker
 
@@ -44,10 +47,22 @@ NEW_CANDIDATES_PER_SLOT = 4
 
 
 
+@dataclass(frozen=True)
+class AptOptions(PolicyOptions):
+    # A request meets its SLO if its time to first token and its P99 time between tokens
+    # are below these; requests may set their own (request parameters of the same names).
+    ttft_slo_s: float = parameter("ttft_slo_ms", 2.0, milliseconds, positive,
+                                  "time-to-first-token objective")
+    tbt_slo_s: float = parameter("tbt_slo_ms", 0.5, milliseconds, positive,
+                                 "P99 time-between-tokens objective")
+
+
 @register_policy("apt")
 class AptScheduler(Scheduler):
     requires_cost_model = True
     requires_recompute_cost = True
+    options_class = AptOptions
+    options: AptOptions
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -55,7 +70,7 @@ class AptScheduler(Scheduler):
         if self.block_manager.supports_hidden and recompute is None:
             raise ValueError("apt needs the profiled hidden-cache recompute cost per block")
         self.recompute_s_per_block = recompute or 0.0
-        self._slo = SLOTracker(self.config.ttft_slo_s, self.config.tbt_slo_s)
+        self._slo = SLOTracker(self.options.ttft_slo_s, self.options.tbt_slo_s)
         self.num_prefill_steps = self.num_decode_steps = 0
         self.last_num_candidates = 0  # requests the last knapsack weighed
         self.num_mode_switches = 0

@@ -34,6 +34,7 @@ from ..block_manager import BlockManager
 from ..cost_model import CostModel
 from ..request import Request, RequestStatus
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
+from .parameters import PolicyOptions
 from .service import OutputLengthHistory
 
 Clock = Callable[[], float]
@@ -60,6 +61,8 @@ class Scheduler(ABC):
     requires_cost_model: ClassVar[bool] = False
     # Policies that weigh hidden-cache mode also need its profiled recompute cost.
     requires_recompute_cost: ClassVar[bool] = False
+    # The policy's own settings and their config.pbtxt parameters (parameters.py).
+    options_class: ClassVar[type[PolicyOptions]] = PolicyOptions
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class Scheduler(ABC):
         cost_model: CostModel | None = None,
     ) -> None:
         self.config = config
+        self.options = self.options_class.from_mapping(config.options, self.policy_name)
         self.block_manager = block_manager
         self.clock = clock
         self.cost_model = cost_model

@@ -18,7 +18,8 @@ measured in docs/overload.md): a job is demoted at the end of a quantum only if 
 finished requests' output lengths say it will outlast a new job (``service.py``); a
 promoted job keeps its level until it finishes; a job without KV starts only in free
 blocks, while the started jobs (both tiers) fit the device pool outside the reserve and
-number fewer than ``mlfq_max_started_factor x max_batch_size``.
+number fewer than ``mlfq_max_started_factor x max_batch_size``. Its settings and their
+config.pbtxt parameters: ``MLFQOptions``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from ..request import Request
 from .base import Plan, PolicyState, Scheduler
 from .output import ScheduledRequest, SchedulerOutput
+from .parameters import PolicyOptions, at_least, fraction, milliseconds, parameter, positive
 from .registry import register_policy
 
 
@@ -51,20 +53,41 @@ class _Job:
         return (self.level, self.seq)
 
 
+@dataclass(frozen=True)
+class MLFQOptions(PolicyOptions):
+    base_quantum_s: float = parameter(
+        "mlfq_base_quantum_ms", 0.05, milliseconds, positive,
+        "quantum of the top queue Q0; Qi's is base * ratio**i")
+    quantum_ratio: float = parameter(
+        "mlfq_quantum_ratio", 2.0, float, at_least(1), "growth of the quantum per level")
+    num_queues: int = parameter("mlfq_num_queues", 6, int, at_least(1), "number of queues")
+    starvation_threshold_s: float = parameter(
+        "mlfq_starvation_threshold_ms", 2.0, milliseconds, positive,
+        "a job idle this long returns to Q0 (and keeps it until it finishes)")
+    max_started_factor: float = parameter(
+        "mlfq_max_started_factor", 2.0, float, at_least(1),
+        "new jobs start only while fewer than this many times max_batch_size jobs hold KV")
+    kv_reserve_fraction: float = parameter(
+        "kv_reserve_fraction", 0.05, float, fraction,
+        "share of device KV blocks proactive offload keeps free for arrivals")
+
+
 @register_policy("skip_join_mlfq")
 class SkipJoinMLFQScheduler(Scheduler):
     requires_cost_model = True
+    options_class = MLFQOptions
+    options: MLFQOptions
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         if self.cost_model is None:
             raise ValueError("skip_join_mlfq needs a prefill cost model")
-        cfg = self.config
-        self.quanta_s = [cfg.mlfq_base_quantum_s * cfg.mlfq_quantum_ratio**i
-                         for i in range(cfg.mlfq_num_queues)]
-        self.reserve_blocks = int(cfg.kv_reserve_fraction * self.block_manager.num_blocks)
-        self.max_started_jobs = max(cfg.max_batch_size,
-                                    int(cfg.mlfq_max_started_factor * cfg.max_batch_size))
+        opts, max_batch_size = self.options, self.config.max_batch_size
+        self.quanta_s = [opts.base_quantum_s * opts.quantum_ratio**i
+                         for i in range(opts.num_queues)]
+        self.reserve_blocks = int(opts.kv_reserve_fraction * self.block_manager.num_blocks)
+        self.max_started_jobs = max(max_batch_size,
+                                    int(opts.max_started_factor * max_batch_size))
         self._levels: list[dict[str, _Job]] = [{} for _ in self.quanta_s]
         self._jobs: dict[str, _Job] = {}
         # A dict, not a set: its order decides idle order, and string hashes vary between
@@ -122,7 +145,7 @@ class SkipJoinMLFQScheduler(Scheduler):
             yield from level.values()
 
     def _promote_starved(self, now: float) -> None:
-        threshold = self.config.mlfq_starvation_threshold_s
+        threshold = self.options.starvation_threshold_s
         # At most a batch's worth per iteration: more could not run at once anyway, and
         # thousands starving together would otherwise stall one iteration.
         starved = list(itertools.islice(itertools.takewhile(
@@ -142,7 +165,7 @@ class SkipJoinMLFQScheduler(Scheduler):
     def _enst_s(self, job: _Job, now: float) -> float:
         """Estimated next scheduled time: promotion or the higher queues' quanta, sooner."""
         idle_s = now - self._idle_since.get(job.request.request_id, now)
-        t_promote = max(0.0, self.config.mlfq_starvation_threshold_s - idle_s)
+        t_promote = max(0.0, self.options.starvation_threshold_s - idle_s)
         ahead_s = sum(len(self._levels[i]) * self.quanta_s[i] for i in range(job.level))
         return min(t_promote, ahead_s / self.config.max_batch_size)
 

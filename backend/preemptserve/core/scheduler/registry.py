@@ -1,8 +1,15 @@
-"""Policies are classes chosen by name from the config; adding one is adding a file."""
+"""Policies are classes chosen by name from the config; adding one is adding a file.
+
+A policy's config.pbtxt parameters are the fields of its ``options_class``
+(``parameters.py``). One config.pbtxt may set the parameters of every registered policy
+(the shipped one does): each is parsed and checked by the policies that declare it, and
+only the chosen policy's are kept; a name no registered policy declares is unknown.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ...config import SchedulerConfig
 from ..block_manager import BlockManager
@@ -34,6 +41,28 @@ def policy_class(name: str) -> type[Scheduler]:
         raise ValueError(
             f"unknown scheduler policy {name!r}; available: {available_policies()}"
         ) from None
+
+
+def policy_parameter_names() -> set[str]:
+    """The config.pbtxt names declared by any registered policy."""
+    return {name for cls in _POLICIES.values() for name in cls.options_class.parameters()}
+
+
+def options_from_parameters(policy: str, parameters: Mapping[str, str]) -> dict[str, Any]:
+    """``SchedulerConfig.options`` of ``policy`` from config.pbtxt strings.
+
+    Every parameter is parsed and checked by each registered policy that declares it, so
+    a bad value fails the load whichever policy is chosen; only the values ``policy``
+    declares are returned (the others are ignored). ``ValueError`` naming the parameter
+    on a bad value, or if ``policy`` is not registered.
+    """
+    chosen = policy_class(policy)
+    options: dict[str, Any] = {}
+    for cls in _POLICIES.values():
+        values = cls.options_class.parse(parameters)
+        if cls is chosen:
+            options = values
+    return options
 
 
 def create_scheduler(
