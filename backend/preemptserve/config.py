@@ -226,6 +226,11 @@ def serving_config_from_parameters(parameters: Mapping[str, str]) -> ServingConf
     return ServingConfig(engine=engine, **sections["serving"])  # type: ignore[arg-type]
 
 
+def engine_parameter_names() -> frozenset[str]:
+    """The config.pbtxt names this module owns (policies may not declare these)."""
+    return frozenset(_PARAMETERS)
+
+
 def parameter_names() -> list[str]:
     """Every accepted config.pbtxt name, the registered policies' included."""
     from .core.scheduler.registry import policy_parameter_names
@@ -239,6 +244,7 @@ __all__ = [
     "FrozenOptions",
     "SchedulerConfig",
     "ServingConfig",
+    "engine_parameter_names",
     "parameter_names",
     "serving_config_from_parameters",
 ]

@@ -163,3 +163,17 @@ def test_a_policy_removed_from_the_registry_takes_its_parameters(monkeypatch) ->
     monkeypatch.setattr(registry, "_POLICIES", {"fcfs": FCFSScheduler})
     with pytest.raises(ValueError, match="unknown parameter 'mlfq_num_queues'"):
         serving_config_from_parameters({"mlfq_num_queues": "3"})
+
+
+def test_a_policy_cannot_declare_a_parameter_the_engine_owns(monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))
+
+    @dataclass(frozen=True)
+    class _Clashing(PolicyOptions):
+        size: int = parameter("max_batch_size", 4, int)
+
+    class ClashingScheduler(FCFSScheduler):
+        options_class = _Clashing
+
+    with pytest.raises(ValueError, match="parameters the engine owns: \\['max_batch_size'\\]"):
+        registry.register_policy("test_clash")(ClashingScheduler)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ...config import SchedulerConfig
+from ...config import SchedulerConfig, engine_parameter_names
 from ..block_manager import BlockManager
 from ..cost_model import CostModel
 from .base import Clock, Scheduler
@@ -23,6 +23,10 @@ def register_policy(name: str) -> Callable[[type[Scheduler]], type[Scheduler]]:
     def register(cls: type[Scheduler]) -> type[Scheduler]:
         if name in _POLICIES:
             raise ValueError(f"policy {name!r} registered twice")
+        clash = set(cls.options_class.parameters()) & engine_parameter_names()
+        if clash:
+            raise ValueError(f"policy {name!r} declares parameters the engine owns: "
+                             f"{sorted(clash)}")
         cls.policy_name = name
         _POLICIES[name] = cls
         return cls
