@@ -86,7 +86,8 @@ def test_tp2_matches_tp1_with_preemption_and_offload(default_model_dir):
     )
     assert engine.block_manager.num_blocks == 20, "the block count does not depend on TP"
     assert engine.scheduler.num_preemptions_total > 0
-    assert engine.swapper.stats.num_swap_outs > 0 and engine.swapper.stats.num_swap_ins > 0
+    assert engine.scheduler.num_swap_outs > 0 and engine.scheduler.num_swap_ins > 0
+    assert engine.swapper.stats.bytes_out > 0 and engine.swapper.stats.bytes_in > 0
     assert engine.executor.plan_stats.num_plans > 0
     assert tp2 == tp1
     assert_no_workers_left()

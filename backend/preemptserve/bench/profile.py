@@ -136,18 +136,22 @@ def measure_steps(
 def measure_swaps(engine: LLMEngine, repeats: int = 3) -> list[tuple[int, float]]:
     """``(bytes, seconds)`` of swap-outs and swap-ins of a dummy request's blocks."""
     bm, swapper = engine.block_manager, engine.swapper
-    block_bytes = swapper._block_bytes
+    block_bytes = swapper.block_bytes
     samples = []
     for num_blocks in SWAP_BLOCKS:
         for _ in range(repeats):
-            assert bm.allocate("__swap__", num_blocks * bm.block_size)
+            allocated = bm.allocate("__swap__", num_blocks * bm.block_size)
+            if not allocated:
+                raise RuntimeError(f"swap profile: no room for {num_blocks} device blocks")
             for direction in ("out", "in"):
                 pairs = (
                     bm.swap_out("__swap__", reuse_now=True)
                     if direction == "out"
                     else bm.swap_in("__swap__")
                 )
-                assert pairs is not None
+                if pairs is None:
+                    raise RuntimeError(
+                        f"swap profile: no room to swap {num_blocks} blocks {direction}")
                 swap = (BlockSwap("__swap__", tuple(pairs), blocking=True),)
                 plan = SchedulerOutput(
                     0,
@@ -157,6 +161,8 @@ def measure_swaps(engine: LLMEngine, repeats: int = 3) -> list[tuple[int, float]
                 )
                 start = time.perf_counter()
                 swapper.execute(plan)
+                if engine.device.type == "cuda":
+                    torch.cuda.synchronize(engine.device)  # the copies, not their issue
                 samples.append((num_blocks * block_bytes, time.perf_counter() - start))
             bm.free("__swap__")
             bm.commit_pending()
@@ -183,7 +189,7 @@ def profile_engine(
         swap_fixed_s=swap_fixed_s,
         swap_bytes_per_s=swap_bytes_per_s,
         swap_overlaps_compute=engine.device.type == "cuda",
-        kv_bytes_per_token=engine.swapper._block_bytes // engine.block_manager.block_size,
+        kv_bytes_per_token=engine.kv_bytes_per_token,
         max_model_len=engine.args.max_position_embeddings,
         hidden_recompute_s_per_block=recompute_s,
     )

@@ -1,4 +1,5 @@
-"""Executors run a ``SchedulerOutput``: its swaps, then the forward pass, then sampling.
+"""Executors run a ``SchedulerOutput``: its swaps, then the forward pass, then sampling;
+and read or write given KV blocks on every rank (moving a request between engines).
 
 ``LocalExecutor`` is one process holding the whole model (tensor_parallel_size 1, no
 process group). ``tp_executor.TensorParallelExecutor`` drives several ranks; both build
@@ -7,7 +8,7 @@ each rank's share with ``build_shard``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,25 @@ class Executor(Protocol):
         """Run the plan's swaps, then (if anything is scheduled) one forward and sampling.
 
         Returns the sampled token of every scheduled item with ``sample``.
+        """
+        ...
+
+    def read_blocks(self, block_ids: Sequence[int], on_host: bool) -> list[torch.Tensor]:
+        """The raw contents of the given blocks of the device pool (or with ``on_host`` the
+        host pool), on every rank: one CPU tensor per rank, ``[num_layers, 2 (K, V), n,
+        block_size, that rank's KV heads, head_dim]`` (hidden-mode blocks copy alike).
+
+        Raises ``ValueError`` (nothing done) for an id outside the pool or given twice.
+        """
+        ...
+
+    def write_blocks(
+        self, block_ids: Sequence[int], on_host: bool, data: Sequence[torch.Tensor]
+    ) -> None:
+        """Overwrite the given blocks on every rank: rank ``r`` writes ``data[r]``, shaped
+        as ``read_blocks`` returns it.
+
+        Raises ``ValueError`` (nothing done) for a bad id or a tensor of the wrong shape.
         """
         ...
 
@@ -118,6 +138,16 @@ class LocalExecutor:
         self, output: SchedulerOutput, states: Mapping[str, SamplingState]
     ) -> dict[str, int]:
         return run_step(self.shard, output, states)
+
+    def read_blocks(self, block_ids: Sequence[int], on_host: bool) -> list[torch.Tensor]:
+        return [self.shard.swapper.read_blocks(block_ids, on_host)]
+
+    def write_blocks(
+        self, block_ids: Sequence[int], on_host: bool, data: Sequence[torch.Tensor]
+    ) -> None:
+        if len(data) != 1:
+            raise ValueError(f"one rank: need 1 tensor, got {len(data)}")
+        self.shard.swapper.write_blocks(block_ids, on_host, data[0])
 
     def shutdown(self) -> None:
         pass

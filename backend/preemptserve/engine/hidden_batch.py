@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.cache_sizes import hidden_tokens_per_block
 from ..core.scheduler import ScheduledRequest
 from ..model.hidden_cache import HiddenMetadata
 from ..model.rope import RotaryEmbedding
@@ -23,7 +24,7 @@ def build_hidden_metadata(
 
     The decode gather buffers are left to the caller (they share the KV decodes' pool).
     """
-    tokens_per_block = 2 * block_size
+    tokens_per_block = hidden_tokens_per_block(block_size)
     kv_rows: list[int] = []
     halves: tuple[tuple[list[int], list[int]], ...] = (([], []), ([], []))  # (rows, slots)
     max_len = 0  # longest recomputed context, padded to whole blocks

@@ -1,32 +1,34 @@
-"""The device block pool: one K and one V tensor per layer, sized from a byte budget.
+"""The block pools' tensors: one K and one V tensor per layer.
 
-Also what each cache mode costs per token and whether hidden-cache mode is offered (the
-layout it relies on is drawn in ``model/attention.py``).
+Also what each cache mode costs per token and whether the model allows hidden-cache mode
+(the layout it relies on is drawn in ``model/attention.py``). How many blocks a byte
+budget buys is ``core.cache_sizes.pool_sizes`` (shared with the simulator).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..core.cache_sizes import hidden_tokens_per_block as cache_hidden_tokens_per_block
 from ..model.args import LlamaArgs
 from ..model.llama import KVCache
 
 
 def bytes_per_block(args: LlamaArgs, block_size: int, dtype: torch.dtype) -> int:
     """K and V of ``block_size`` tokens across all layers."""
-    return block_size * args.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+    return block_size * kv_bytes_per_token(args, dtype)
 
 
-def kv_bytes_per_token(args: LlamaArgs, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """K and V of one token across all layers, on one rank (each holds 1/TP of the heads)."""
-    return args.kv_bytes_per_token(torch.finfo(dtype).bits // 8) // tp_size
+def kv_bytes_per_token(args: LlamaArgs, dtype: torch.dtype) -> int:
+    """K and V of one token across all layers, whole model (all ranks together)."""
+    return args.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
 
 
-def hidden_bytes_per_token(args: LlamaArgs, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """The normalised attention input of one token across all layers, on one rank.
+def hidden_bytes_per_token(args: LlamaArgs, dtype: torch.dtype) -> int:
+    """The normalised attention input of one token across all layers.
 
-    Not divided by ``tp_size``: every rank needs the whole hidden state to recompute its
-    own heads' K/V (sharding it would cost an all-gather per layer per step).
+    The same on every rank: each needs the whole hidden state to recompute its own heads'
+    K/V (sharding it would cost an all-gather per layer per step).
     """
     return args.num_layers * args.hidden_size * (torch.finfo(dtype).bits // 8)
 
@@ -36,7 +38,8 @@ def hidden_tokens_per_block(args: LlamaArgs, block_size: int, tp_size: int = 1) 
 
     A block holds ``block_size`` tokens' K and V; where ``num_kv_heads * head_dim ==
     hidden_size`` (multi-head attention) its K half and its V half each hold
-    ``block_size`` hidden states, so ``2 * block_size`` tokens (see ``model/attention.py``).
+    ``block_size`` hidden states (``core.cache_sizes.hidden_tokens_per_block``; layout in
+    ``model/attention.py``).
     """
     kv_size = args.num_kv_heads * args.head_dim  # values per token in K (and in V)
     if tp_size > 1:
@@ -52,19 +55,7 @@ def hidden_tokens_per_block(args: LlamaArgs, block_size: int, tp_size: int = 1) 
         return 0, (
             f"the hidden cache shares K/V blocks and needs num_kv_heads * head_dim "
             f"({kv_size}) == hidden_size ({args.hidden_size})")
-    return 2 * block_size, ""
-
-
-def num_blocks_for_budget(
-    args: LlamaArgs, block_size: int, dtype: torch.dtype, kv_cache_bytes: int
-) -> int:
-    num_blocks = kv_cache_bytes // bytes_per_block(args, block_size, dtype)
-    if num_blocks < 1:
-        raise ValueError(
-            f"kv_cache_bytes={kv_cache_bytes} is smaller than one KV block "
-            f"({bytes_per_block(args, block_size, dtype)} bytes)"
-        )
-    return num_blocks
+    return cache_hidden_tokens_per_block(block_size), ""
 
 
 def allocate_kv_caches(

@@ -48,12 +48,16 @@ def measure_prefill_profile(
     states = {_PROFILE_ID: SamplingState.create(SamplingParams(max_tokens=1), runner.device)}
     points = []
     for num_tokens in usable:
-        assert block_manager.allocate(_PROFILE_ID, num_tokens)
+        allocated = block_manager.allocate(_PROFILE_ID, num_tokens)
+        if not allocated:
+            raise RuntimeError(
+                f"prefill profile: no room for {num_tokens} tokens "
+                f"({block_manager.num_free_blocks} blocks free)")
         item = ScheduledRequest(
             request_id=_PROFILE_ID,
             token_ids=tuple(i % vocab_size for i in range(num_tokens)),
             start_position=0,
-            block_ids=tuple(block_manager.block_table(_PROFILE_ID)),
+            block_ids=block_manager.block_ids(_PROFILE_ID),
             sample=True,
         )
         output = SchedulerOutput(step_id=0, scheduled=(item,))
@@ -169,7 +173,13 @@ def _decode_batch(
     items = []
     for index in range(batch_size):
         request_id = f"{_HIDDEN_PROFILE_ID}{'h' if hidden else 'k'}{index}"
-        assert block_manager.allocate(request_id, context_len, hidden)
+        allocated = block_manager.allocate(request_id, context_len, hidden)
+        if not allocated:
+            for item in items:  # give back this batch's blocks before failing
+                block_manager.free(item.request_id)
+            raise RuntimeError(
+                f"hidden recompute profile: no room for a {'hidden' if hidden else 'KV'}-mode "
+                f"context of {context_len} tokens ({block_manager.num_free_blocks} blocks free)")
         items.append(
             ScheduledRequest(
                 request_id=request_id,

@@ -1,21 +1,31 @@
 """The driver of tensor-parallel ranks: rank 0 lives in this process, ranks 1.. are workers.
 
 Rank 0 (this process: the engine, inside the Triton model) schedules once per iteration
-and sends the plan, a pickled ``SchedulerOutput``, to every worker over its own pipe
-(plain data; a pipe, not a collective, so that idle workers can wait for the next plan
-without any timeout, and a dead peer shows up as a broken pipe). Then every rank runs
-the plan's swaps on its own KV slices and the forward on its own heads; the model's
-all-reduces (gloo on CPU, NCCL on CUDA) keep them in lock step. Only rank 0 samples.
+and sends the plan to every worker over its own pipe (plain data; a pipe, not a
+collective, so that idle workers can wait for the next plan without any timeout, and a
+dead peer shows up as a broken pipe). A plan carries only what changed since the
+previous one: per scheduled request its new tokens and the blocks appended to its table
+(the whole table only when it is new or was replaced), plus the swaps and the requests
+that left (``tp_plan``); each worker rebuilds the exact ``SchedulerOutput`` from it.
+Then every rank runs the plan's swaps on its own KV slices and the forward on its own
+heads; the model's all-reduces (gloo on CPU, NCCL on CUDA) keep them in lock step. Only
+rank 0 samples.
 
-Faults: a monitor thread waits on the workers' process sentinels; a step that fails
-(broken pipe, a collective that errors or times out) fails the executor too. After a
-failure every step raises ``RankFailure`` and the remaining workers are stopped: the
-engine cannot continue with a missing shard. Workers stop when ``shutdown()`` tells
-them, or on their own when this process dies (see ``tp_worker``).
+Block commands (``read_blocks`` / ``write_blocks``, for moving a request to another
+engine) go down the same pipes between steps; each worker answers on its pipe and rank 0
+collects the answers.
+
+Faults: a monitor thread waits on the workers' process sentinels; a step or a block
+command that fails (broken pipe, a collective that errors or times out, a worker that
+reports an error or does not answer) fails the executor too. After a failure every call
+raises ``RankFailure`` and the remaining workers are stopped: the engine cannot continue
+with a missing shard. Workers stop when ``shutdown()`` tells them, or on their own when
+this process dies (see ``tp_worker``).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing.connection
 import pickle
@@ -23,7 +33,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,28 +44,37 @@ from ..core.scheduler import SchedulerOutput
 from ..model.parallel import TensorParallel
 from .executor import ShardSpec, build_shard, run_step
 from .sampler import SamplingState
-from .tp_worker import init_process_group, worker_main
+from .tp_plan import OK, READ_BLOCKS, WRITE_BLOCKS, PlanEncoder, compact
+from .tp_worker import COLLECTIVE_TIMEOUT_S, init_process_group, worker_main
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 5.0
+# A worker that has not answered a block command within this long has failed.
+REPLY_TIMEOUT_S = COLLECTIVE_TIMEOUT_S
 
 
 class RankFailure(RuntimeError):
     """A tensor-parallel rank died or a step across ranks failed: no more steps."""
 
 
+class _RankError(RuntimeError):
+    """A worker reported that a block command failed (it exits after reporting)."""
+
+
 @dataclass
 class PlanStats:
-    """Rank 0's cost of sending plans: pickling plus writing to every worker's pipe.
+    """Rank 0's cost of sending plans: encoding, pickling, writing to every worker's pipe.
 
-    ``send_s`` is wall time; ``send_cpu_s`` the sending thread's CPU time (without the
-    time it waits while a woken worker takes its core).
+    ``num_bytes`` counts each plan once (every worker gets the same bytes); ``last_bytes``
+    is the latest plan's size. ``send_s`` is wall time; ``send_cpu_s`` the sending
+    thread's CPU time (without the time it waits while a woken worker takes its core).
     """
 
     num_plans: int = 0
     num_bytes: int = 0
+    last_bytes: int = 0
     send_s: float = 0.0
     send_cpu_s: float = 0.0
 
@@ -72,6 +91,7 @@ class TensorParallelExecutor:
         self.world_size = world_size
         self.device = torch.device(spec.device)
         self.plan_stats = PlanStats()
+        self._plans = PlanEncoder()
         self._failure: str | None = None
         self._closed = False
         self._workers: list[_Worker] = []
@@ -114,6 +134,10 @@ class TensorParallelExecutor:
             self._stop_workers(graceful=False)
             torch.set_num_threads(self._saved_num_threads)
             raise
+        # A driver that exits without shutdown(): stop the workers before multiprocessing's
+        # own exit handler (registered earlier, so run later) joins them (they ignore
+        # SIGTERM: it would wait forever).
+        atexit.register(self._stop_at_exit)
         self._wake_r, self._wake_w = context.Pipe(duplex=False)
         self._monitor = threading.Thread(target=self._watch, name="tp-monitor", daemon=True)
         self._monitor.start()
@@ -149,28 +173,97 @@ class TensorParallelExecutor:
             )
             raise RankFailure(self._failure) from exc
 
+    def read_blocks(self, block_ids: Sequence[int], on_host: bool) -> list[torch.Tensor]:
+        ids = tuple(int(b) for b in block_ids)
+        swapper = self.shard.swapper
+        swapper.check_block_ids(ids, on_host)  # before anything is sent
+        message = pickle.dumps((READ_BLOCKS, ids, on_host), protocol=pickle.HIGHEST_PROTOCOL)
+        return self._on_all_ranks(
+            [message] * len(self._workers), lambda: swapper.read_blocks(ids, on_host)
+        )
+
+    def write_blocks(
+        self, block_ids: Sequence[int], on_host: bool, data: Sequence[torch.Tensor]
+    ) -> None:
+        ids = tuple(int(b) for b in block_ids)
+        swapper = self.shard.swapper
+        swapper.check_block_ids(ids, on_host)
+        if len(data) != self.world_size:
+            raise ValueError(f"{self.world_size} ranks: need as many tensors, got {len(data)}")
+        for tensor in data:
+            swapper.check_block_data(ids, tensor)
+        messages = [
+            pickle.dumps(
+                (WRITE_BLOCKS, ids, on_host, compact(data[worker.rank])),
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
+            for worker in self._workers
+        ]
+        self._on_all_ranks(messages, lambda: swapper.write_blocks(ids, on_host, data[0]))
+
     def shutdown(self) -> None:
         """Stop the workers (asked first, then killed) and leave the process group."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._stop_at_exit)
         self._wake_w.send_bytes(b"x")
         self._stop_workers(graceful=self._failure is None)
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(self._saved_num_threads)
 
+    def _stop_at_exit(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._stop_workers(graceful=False)
+
     # -- plans -----------------------------------------------------------------------------
 
-    def _send_plan(self, output: SchedulerOutput | None) -> None:
+    def _send_plan(self, output: SchedulerOutput) -> None:
         start, start_cpu = time.perf_counter(), time.thread_time()
-        data = pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(self._plans.encode(output), protocol=pickle.HIGHEST_PROTOCOL)
         for worker in self._workers:
             worker.conn.send_bytes(data)
-        self.plan_stats.send_s += time.perf_counter() - start
-        self.plan_stats.send_cpu_s += time.thread_time() - start_cpu
-        self.plan_stats.num_plans += 1
-        self.plan_stats.num_bytes += len(data)
+        stats = self.plan_stats
+        stats.send_s += time.perf_counter() - start
+        stats.send_cpu_s += time.thread_time() - start_cpu
+        stats.num_plans += 1
+        stats.num_bytes += len(data)
+        stats.last_bytes = len(data)
+
+    # -- block commands ----------------------------------------------------------------------
+
+    def _on_all_ranks(self, messages: list[bytes], local: Callable[[], object]) -> list:
+        """Send worker ``i`` ``messages[i]``, run ``local`` as rank 0, collect the answers
+        (rank order). A failure anywhere fails the executor."""
+        if self._failure is not None:
+            raise RankFailure(self._failure)
+        try:
+            for worker, message in zip(self._workers, messages, strict=True):
+                worker.conn.send_bytes(message)
+            results = [local()]
+            results += [self._answer(worker) for worker in self._workers]
+            return results
+        except Exception as exc:
+            self._fail(
+                str(exc) if isinstance(exc, _RankError)
+                else self._dead_worker_reason(wait_s=1.0)
+                or f"a tensor-parallel block command failed: {type(exc).__name__}: {exc}"
+            )
+            raise RankFailure(self._failure) from exc
+
+    @staticmethod
+    def _answer(worker: _Worker) -> object:
+        if not worker.conn.poll(REPLY_TIMEOUT_S):
+            raise TimeoutError(
+                f"tensor-parallel rank {worker.rank} did not answer "
+                f"within {REPLY_TIMEOUT_S:.0f} s"
+            )
+        kind, payload = pickle.loads(worker.conn.recv_bytes())
+        if kind != OK:
+            raise _RankError(f"tensor-parallel rank {worker.rank} failed: {payload}")
+        return payload
 
     # -- startup ---------------------------------------------------------------------------
 
@@ -239,8 +332,10 @@ class TensorParallelExecutor:
 
     def _stop_workers_locked(self, graceful: bool) -> None:
         if graceful:
+            stop = pickle.dumps(None)
             try:
-                self._send_plan(None)
+                for worker in self._workers:
+                    worker.conn.send_bytes(stop)
             except OSError:
                 graceful = False
         deadline = time.monotonic() + (STOP_TIMEOUT_S if graceful else 0.0)

@@ -3,8 +3,12 @@
 Life of a worker::
 
     load its shard -> report ("loaded", pid) on its pipe -> join the process group
-    loop: plan = recv from the pipe; None -> leave; else run the plan's swaps on its own
-          KV slices and the forward on its own heads (all-reduces inside the model)
+    loop: message = recv from the pipe (``tp_plan``)
+          None -> leave
+          a plan -> rebuild the SchedulerOutput from it and its mirror of the block
+                    tables; run the swaps on its own KV slices and the forward on its
+                    own heads (all-reduces inside the model)
+          read / write blocks -> do it on its own KV slices; answer ("ok", result)
 
 It never schedules or samples. It exits when told to (``None``), when the driver's end
 of the pipe closes, when a collective fails (a peer died), or when its parent process
@@ -29,6 +33,7 @@ import torch.distributed as dist
 
 from ..model.parallel import TensorParallel
 from .executor import ShardSpec, build_shard, run_step
+from .tp_plan import OK, PLAN, READ_BLOCKS, WRITE_BLOCKS, PlanDecoder, compact
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +82,26 @@ def worker_main(
     conn.send(("loaded", os.getpid()))
     init_process_group(backend, init_method, rank, world_size)
     num_steps = 0
+    plans = PlanDecoder()
     try:
         while True:
-            output = pickle.loads(conn.recv_bytes())
-            if output is None:
+            message = pickle.loads(conn.recv_bytes())
+            if message is None:
                 break
-            run_step(shard, output, None)
-            num_steps += 1
+            kind = message[0]
+            if kind == PLAN:
+                run_step(shard, plans.decode(message), None)
+                num_steps += 1
+            elif kind == READ_BLOCKS:
+                _, block_ids, on_host = message
+                data = compact(shard.swapper.read_blocks(block_ids, on_host))
+                conn.send_bytes(pickle.dumps((OK, data), protocol=pickle.HIGHEST_PROTOCOL))
+            elif kind == WRITE_BLOCKS:
+                _, block_ids, on_host, data = message
+                shard.swapper.write_blocks(block_ids, on_host, data)
+                conn.send_bytes(pickle.dumps((OK, None)))
+            else:
+                raise ValueError(f"unknown message kind {kind!r}")
     except EOFError:
         logger.warning("rank %d: the driver closed the plan channel; exiting", rank)
         raise SystemExit(1) from None

@@ -27,6 +27,7 @@ from typing import Any
 from ..bench.metrics import SLO, RequestTimeline
 from ..config import SchedulerConfig, serving_config_from_parameters
 from ..core.block_manager import BlockManager
+from ..core.cache_sizes import pool_sizes
 from ..core.request import Request, SamplingParams
 from ..core.scheduler import create_scheduler, policy_class
 from ..core.scheduler.output import SchedulerOutput, hidden_recompute_blocks
@@ -69,23 +70,24 @@ class SimConfig:
         engine = serving.engine
         if cost_model.kv_bytes_per_token <= 0:
             raise ValueError("the cost model has no kv_bytes_per_token to size the pools")
-        block_bytes = engine.cache.block_size * cost_model.kv_bytes_per_token
-        num_blocks = engine.cache.kv_cache_bytes // block_bytes
-        limits = [num_blocks * engine.cache.block_size]
-        limits += [n for n in (engine.max_model_len, cost_model.max_model_len) if n]
+        # A profiled recompute cost means the engine offers hidden mode (it measures one
+        # only where the model's shape allows the mode).
+        sizes = pool_sizes(
+            engine.cache,
+            cost_model.kv_bytes_per_token,
+            cost_model.max_model_len,
+            hidden_possible=cost_model.hidden_recompute_s_per_block is not None,
+            max_model_len=engine.max_model_len,
+        )
         return cls(
             engine.scheduler,
-            num_blocks,
-            engine.cache.block_size,
-            engine.cache.host_kv_cache_bytes // block_bytes,
-            min(limits),
-            block_bytes,
+            sizes.num_blocks,
+            sizes.block_size,
+            sizes.num_host_blocks,
+            sizes.max_model_len,
+            sizes.block_bytes,
             check_invariants,
-            # A profiled recompute cost means the engine offers hidden mode, which it does
-            # only where a hidden state is half of K+V: twice the tokens per block.
-            hidden_tokens_per_block=(2 * engine.cache.block_size
-                                     if cost_model.hidden_recompute_s_per_block is not None
-                                     and engine.cache.enable_hidden_cache else 0),
+            hidden_tokens_per_block=sizes.hidden_tokens_per_block,
             max_queue_size=serving.max_queue_size,
         )
 
