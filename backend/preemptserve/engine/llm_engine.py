@@ -131,11 +131,7 @@ class LLMEngine:
         self.model = self.executor.shard.model
         self.runner = self.executor.shard.runner
         self.swapper = self.executor.shard.swapper
-        self.max_model_len = min(
-            config.max_model_len or self.args.max_position_embeddings,
-            self.args.max_position_embeddings,
-            num_blocks * block_size,
-        )
+        self.max_model_len = sizes.max_model_len
         self.cost_model = self._cost_model()
         self.scheduler: Scheduler = create_scheduler(
             config.scheduler, self.block_manager, cost_model=self.cost_model)

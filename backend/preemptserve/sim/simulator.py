@@ -226,8 +226,6 @@ class Simulator:
                 result.num_iterations += 1
                 result.busy_s += duration_s
                 result.swap_s += swap_s
-                result.num_swap_outs += len(output.swap_out)
-                result.num_swap_ins += len(output.swap_in)
                 result.num_hidden_tokens += sum(
                     item.num_tokens for item in output.scheduled if item.hidden)
                 empty_in_a_row = empty_in_a_row + 1 if output.is_empty else 0
@@ -257,6 +255,7 @@ class Simulator:
         result.num_preemptions = sched.num_preemptions_total
         result.num_recomputations = sched.num_recomputations_total
         result.num_recomputed_tokens = sched.num_recomputed_tokens_total
+        result.num_swap_outs, result.num_swap_ins = sched.num_swap_outs, sched.num_swap_ins
         result.num_blocks_swapped_out = sched.num_blocks_swapped_out
         result.num_blocks_swapped_in = sched.num_blocks_swapped_in
         result.end_s = self.now_s
@@ -271,8 +270,7 @@ class Simulator:
         """The serving loop's queue limit, ``LLMEngine.add_request``'s checks, then the
         scheduler's."""
         max_queue_size = self.config.max_queue_size
-        if max_queue_size and sum(1 for r in self.scheduler.requests.values()
-                                  if r.first_scheduled_time_s is None) >= max_queue_size:
+        if max_queue_size and self.scheduler.num_waiting >= max_queue_size:
             result.rejected.append(spec.index)
             result.num_queue_full += 1
             return
