@@ -133,6 +133,8 @@ def test_decode_plan_bytes_do_not_grow_with_context(default_model_dir):
         engine.shutdown()
     assert_no_workers_left()
     short, long = plan_bytes[64], plan_bytes[512]
+    print(f"\nplan bytes at context 64 / 512: whole {whole_bytes[64]} / {whole_bytes[512]}, "
+          f"delta {short} / {long}")  # docs/tensor_parallel.md quotes these (-s shows them)
     # Larger positions pickle in a byte or two more; the table adds nothing.
     assert long - short <= 4, (short, long)
     assert whole_bytes[512] - whole_bytes[64] >= 2 * (512 - 64) // 8  # what it was before
