@@ -409,8 +409,10 @@ class LLMEngine:
             if request.detokenizer.find_stop(
                     enabled=request.sampling.may_stop_at(request.num_output_tokens)):
                 stop_hits.add(request.request_id)
-        self.scheduler.update_from_output(output, sampled, self._last_step_s, stop_hits)
-        results = [self._output(request, token_id)
+        finished = self.scheduler.update_from_output(output, sampled, self._last_step_s,
+                                                     stop_hits)
+        finished_ids = {request.request_id for request in finished}
+        results = [self._output(request, token_id, request.request_id in finished_ids)
                    for request, token_id in zip(sampled_requests, sampled.values(), strict=True)]
         self._num_generated_tokens_total += len(results)
         if self.record_iteration_stats:
@@ -438,8 +440,8 @@ class LLMEngine:
                 self._num_mixed_mode_steps_total += 1
 
     @staticmethod
-    def _output(request: Request, token_id: int) -> RequestOutput:
-        finished = request.is_finished
+    def _output(request: Request, token_id: int, finished: bool) -> RequestOutput:
+        """One sampled token as an output; ``finished`` and its reason are the scheduler's."""
         return RequestOutput(
             request_id=request.request_id,
             text=request.detokenizer.take_delta(finished),
