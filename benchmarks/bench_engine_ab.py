@@ -5,7 +5,8 @@ For a change that must not slow the engine down: the same workload runs in the w
 tree (``A``) and in ``--baseline`` (``B``, extracted with ``git archive`` into a temporary
 directory), each run in a fresh process with ``PYTHONPATH`` pointing at one tree's
 ``backend/``. Runs alternate A, B, A, B, ... so that drift on a shared machine hits both
-alike; each process does one untimed warm-up run first. The workload is that of
+alike; each process does one untimed warm-up run, then ``--runs-per-process`` timed runs
+and reports their median; a cell reports the median over its processes. The workload is that of
 ``bench_throughput.py``'s engine figure: ``B`` requests of ``--prompt-tokens`` ids each,
 greedy, exactly ``--output-tokens`` tokens each, on the embedded default model (fp32, CPU),
 all added at once and stepped to completion; tokens/s = generated tokens / wall time.
@@ -40,7 +41,7 @@ from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import SamplingParams
 from preemptserve.engine.llm_engine import LLMEngine
 
-policy, batch_size, prompt_tokens, output_tokens = sys.argv[1], *map(int, sys.argv[2:5])
+policy, batch_size, prompt_tokens, output_tokens, runs = sys.argv[1], *map(int, sys.argv[2:6])
 engine = LLMEngine(EngineConfig(
     model_dir="default", device="cpu",
     scheduler=SchedulerConfig(policy=policy, max_batch_size=max(batch_size, 1),
@@ -63,7 +64,8 @@ def run(tag):
     return num_tokens / wall_s
 
 run("warmup")
-print(json.dumps({"tokens_per_s": run("timed")}))
+rates = sorted(run(f"timed{i}") for i in range(runs))
+print(json.dumps({"tokens_per_s": rates[len(rates) // 2]}))
 """
 
 
@@ -82,7 +84,7 @@ def run_once(backend: Path, policy: str, batch_size: int, args: argparse.Namespa
     env = {**os.environ, "PYTHONPATH": str(backend)}
     result = subprocess.run(
         [sys.executable, "-c", _WORKER, policy, str(batch_size), str(args.prompt_tokens),
-         str(args.output_tokens)],
+         str(args.output_tokens), str(args.runs_per_process)],
         env=env, capture_output=True, text=True, check=False, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"run in {backend} failed:\n{result.stderr[-3000:]}")
@@ -95,8 +97,11 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["fcfs", "skip_join_mlfq", "apt"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each tree per cell")
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="processes of each tree per cell (alternating)")
+    parser.add_argument("--runs-per-process", type=int, default=3,
+                        help="timed runs in each process; the process reports their median")
     parser.add_argument("--format", choices=["rich", "plain", "markdown"], default="rich")
     parser.add_argument("--out", type=Path, default=None, help="save the results as JSON")
     args = parser.parse_args()
@@ -133,7 +138,8 @@ def main() -> None:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "date": dt.date.today().isoformat(), "machine": machine_info(),
             "head": head, "baseline": baseline, "workload": {
-                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens},
+                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+                "runs_per_process": args.runs_per_process, "repeats": args.repeats},
             "cells": cells}, indent=2))
 
 
