@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, KeysView, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +38,7 @@ from .parameters import PolicyOptions
 from .service import OutputLengthHistory
 
 Clock = Callable[[], float]
+_RUNNING = RequestStatus.RUNNING
 # A policy's own state of one request, as plain data (what moves with it to another engine).
 PolicyState = dict[str, Any]
 
@@ -82,7 +83,7 @@ class Scheduler(ABC):
         # what the policy exported of them.
         self.detached: dict[str, tuple[Request, PolicyState]] = {}
         self._num_by_status: Counter[RequestStatus] = Counter()
-        self._running_ids: Collection[str] = ()
+        self._running_ids: KeysView[str] = {}.keys()
         self._finished_ids: list[str] = []  # left since the last plan
         # A running request that lost its place in the batch (any policy) ...
         self.num_preemptions_total = 0
@@ -181,10 +182,10 @@ class Scheduler(ABC):
         plan = Plan()
         self._plan(plan)
         selected = plan.selected
-        for request_id in self._running_ids:
-            if request_id not in selected:
+        if not self._running_ids <= selected.keys():  # someone left the batch
+            for request_id in self._running_ids - selected.keys():
                 request = self.requests.get(request_id)
-                if request is not None and request.status is RequestStatus.RUNNING:
+                if request is not None and request.status is _RUNNING:
                     self._set_status(request, RequestStatus.PREEMPTED)
         self._running_ids = selected.keys()
         self.num_preemptions_total += len(plan.preempted)
@@ -230,8 +231,8 @@ class Scheduler(ABC):
             return None
         if request.first_scheduled_time_s is None:
             request.first_scheduled_time_s = self.clock()
-        if request.status is not RequestStatus.RUNNING:
-            self._set_status(request, RequestStatus.RUNNING)
+        if request.status is not _RUNNING:
+            self._set_status(request, _RUNNING)
         num_total = request.num_tokens
         if num_tokens == 1 and stop == num_total and request.output_token_ids:
             token_ids: tuple[int, ...] = (request.output_token_ids[-1],)  # a decode
@@ -330,10 +331,11 @@ class Scheduler(ABC):
         """The finishing rule, the only one: ``end_id`` or a stop word once ``min_length``
         tokens precede it, else ``max_tokens``. ``token_id`` was just appended."""
         sampling = request.sampling
-        if sampling.may_stop_at(request.num_output_tokens - 1) and (
-                stop_hit or token_id == sampling.end_id):
+        num_output_tokens = len(request.output_token_ids)
+        if (stop_hit or token_id == sampling.end_id) and sampling.may_stop_at(
+                num_output_tokens - 1):
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= sampling.max_tokens:
+        if num_output_tokens >= sampling.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 
