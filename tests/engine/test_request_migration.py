@@ -6,6 +6,8 @@ the engine's migration seams only: export, read blocks, reserve, write, import, 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from engine_helpers import block_bytes, random_prompts
 
@@ -49,9 +51,11 @@ def engines(request, default_model_dir, cost_model_path):
     return make(), make(), make()
 
 
-def run(engine: LLMEngine, outputs: dict[str, list], until=None) -> None:
-    """Step until nothing is left, or until ``until()``; collect (token ids, text)."""
-    while engine.has_unfinished_requests() and not (until and until()):
+def run(engine: LLMEngine, outputs: dict[str, list], max_steps: int | None = None) -> None:
+    """Step until nothing is left (or ``max_steps`` steps); collect (token ids, text)."""
+    num_steps = 0
+    while engine.has_unfinished_requests() and num_steps != max_steps:
+        num_steps += 1
         for out in engine.step():
             ids, text = outputs.setdefault(out.request_id, ([], []))
             ids.extend(out.token_ids)
@@ -114,11 +118,7 @@ def test_moved_request_continues_exactly(engines, case):
 
     got: dict[str, list] = {}
     source.add_request(request_id, prompt, sampling)
-    for _ in range(steps_before):
-        for out in source.step():
-            ids, text = got.setdefault(out.request_id, ([], []))
-            ids.extend(out.token_ids)
-            text.append(out.text)
+    run(source, got, max_steps=steps_before)
     request = source.scheduler.requests[request_id]
     if prompt_len > MAX_NUM_TOKENS and steps_before * MAX_NUM_TOKENS < prompt_len:
         assert 0 < request.num_computed_tokens < prompt_len, "not in the middle of a prefill"
@@ -146,9 +146,7 @@ def test_cancelled_export_resumes_on_the_source(engines):
 
     got: dict[str, list] = {}
     source.add_request(request_id, prompt, SEEDED)
-    for _ in range(5):
-        for out in source.step():
-            got.setdefault(out.request_id, ([], []))[0].extend(out.token_ids)
+    run(source, got, max_steps=5)
     snapshot = source.export_request(request_id)
     assert source.scheduler.detached[request_id][0].status is RequestStatus.MIGRATING
     assert source.step() == []  # not scheduled while it is being moved
@@ -191,3 +189,64 @@ def test_import_refuses_a_request_without_its_blocks(engines):
     source.cancel_export(request_id)
     run(source, {})
     assert_idle(source, destination)
+
+
+@pytest.mark.parametrize("to_host", [False, True], ids=["device-tier", "host-tier"])
+def test_moved_between_tensor_parallel_engines(default_model_dir, to_host):
+    """Each rank's slice of the blocks moves: TP=2 to TP=2 gives the unmoved tokens.
+
+    One process holds one tensor-parallel engine at a time (rank 0 owns the default
+    process group; instances run in processes of their own), so the source hands over
+    and stops before the destination starts.
+    """
+    block = block_bytes(default_model_dir, BLOCK_SIZE)
+
+    def make(tp: int) -> LLMEngine:
+        return LLMEngine(EngineConfig(
+            model_dir=str(default_model_dir), device="cpu", tensor_parallel_size=tp,
+            scheduler=SchedulerConfig(policy="fcfs", max_batch_size=4,
+                                      max_num_batched_tokens=MAX_NUM_TOKENS),
+            cache=CacheConfig(kv_cache_bytes=48 * block, block_size=BLOCK_SIZE,
+                              host_kv_cache_bytes=48 * block)))
+
+    def stopped(engine: LLMEngine) -> None:
+        pids = engine.executor.worker_pids
+        engine.shutdown()
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    prompt = random_prompts(11, [20])[0]
+    expected: dict[str, list] = {}
+    reference = make(1)
+    reference.add_request("r", prompt, GREEDY)
+    run(reference, expected)
+
+    got: dict[str, list] = {}
+    source = make(2)
+    try:
+        source.add_request("r", prompt, GREEDY)
+        run(source, got, max_steps=6)
+        if to_host:
+            swap_to_host(source, "r")
+        snapshot = source.export_request("r")
+        on_host, block_ids = source.request_blocks("r")
+        data = source.read_blocks(block_ids, on_host)
+        assert len(data) == 2 and on_host == to_host  # one slice per rank
+        source.finish_export("r")
+        assert_idle(source)
+    finally:
+        stopped(source)
+
+    destination = make(2)
+    try:
+        reserved = destination.reserve_blocks("r", len(block_ids), on_host)
+        assert reserved is not None
+        destination.write_blocks(reserved, on_host, data)
+        destination.import_request(snapshot)
+        run(destination, got)
+        assert got["r"][0] == expected["r"][0]
+        assert "".join(got["r"][1]) == "".join(expected["r"][1])
+        assert_idle(destination)
+    finally:
+        stopped(destination)
