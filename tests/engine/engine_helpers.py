@@ -60,3 +60,24 @@ def run_staggered(engine: LLMEngine, prompts: list[list[int]], num_tokens: int,
 def random_prompts(seed: int, lengths: list[int], vocab: int = 4096) -> list[list[int]]:
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, vocab) for _ in range(n - 1)] for n in lengths]
+
+
+def swapping_simulation(policy: str, seed: int):  # -> preemptserve.sim.simulator.Simulator
+    """A small simulated run that preempts, swaps and finishes requests (plans to check
+    without a model: 60 ShareGPT-like requests in 8 MiB of device KV, 32 MiB on the host)."""
+    from preemptserve.bench.workload import synthetic
+    from preemptserve.sim.cost_model import IterationCostModel
+    from preemptserve.sim.simulator import SimConfig, Simulator
+
+    cost = IterationCostModel(
+        fixed_s=0.005, per_prefill_token_s=2e-4, per_decode_token_s=1e-3,
+        per_decode_context_token_s=1e-6, per_prefill_attention_s=1e-8,
+        per_sampled_token_s=1e-4, swap_fixed_s=1e-4, swap_bytes_per_s=5e9,
+        kv_bytes_per_token=32768, max_model_len=2048, hidden_recompute_s_per_block=1e-5,
+    )
+    params = {"scheduler_policy": policy, "kv_cache_bytes": str(8 * 2**20),
+              "kv_cache_host_memory_bytes": str(32 * 2**20), "max_batch_size": "16",
+              "max_num_tokens": "256"}
+    workload = synthetic("sharegpt", 60, rate_rps=20.0, seed=seed, length_scale=0.3,
+                         max_context_tokens=256)
+    return Simulator(SimConfig.from_parameters(params, cost), cost, workload)

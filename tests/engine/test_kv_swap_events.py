@@ -12,12 +12,10 @@ import itertools
 import random
 
 import pytest
+from engine_helpers import swapping_simulation
 
-from preemptserve.bench.workload import synthetic
 from preemptserve.core.scheduler import BlockSwap, ScheduledRequest, SchedulerOutput
 from preemptserve.engine.kv_swap import SwapEvents
-from preemptserve.sim.cost_model import IterationCostModel
-from preemptserve.sim.simulator import SimConfig, Simulator
 
 
 class Streams:
@@ -72,16 +70,7 @@ def test_a_prefetched_swap_in_of_an_aborted_request_is_waited_next_step():
 
 @pytest.mark.parametrize("policy", ["skip_join_mlfq", "apt"])  # the policies that swap
 def test_no_event_outlives_the_next_step_on_simulated_plans(policy):
-    cost = IterationCostModel(
-        fixed_s=0.005, per_prefill_token_s=2e-4, per_decode_token_s=1e-3,
-        swap_fixed_s=1e-4, swap_bytes_per_s=5e9, kv_bytes_per_token=32768, max_model_len=2048,
-    )
-    params = {"scheduler_policy": policy, "kv_cache_bytes": str(8 * 2**20),
-              "kv_cache_host_memory_bytes": str(32 * 2**20), "max_batch_size": "16",
-              "max_num_tokens": "256"}
-    workload = synthetic("sharegpt", 60, rate_rps=20.0, seed=5, length_scale=0.3,
-                         max_context_tokens=256)
-    sim = Simulator(SimConfig.from_parameters(params, cost), cost, workload)
+    sim = swapping_simulation(policy, seed=5)
     events, streams = SwapEvents(), Streams()
     rng = random.Random(0)
     schedule = sim.scheduler.schedule

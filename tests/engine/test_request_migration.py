@@ -15,6 +15,7 @@ from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import RequestStatus, SamplingParams
 from preemptserve.core.scheduler import BlockSwap, SchedulerOutput
 from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.engine.migration import RequestSnapshot
 from preemptserve.sim.cost_model import IterationCostModel
 
 POLICIES = ("fcfs", "skip_join_mlfq", "apt")
@@ -61,6 +62,25 @@ def run(engine: LLMEngine, outputs: dict[str, list], max_steps: int | None = Non
             ids.extend(out.token_ids)
             text.append(out.text)
         engine.block_manager.check_invariants()
+
+
+def start(reference: LLMEngine, source: LLMEngine, request_id: str, prompt: list[int],
+          sampling: SamplingParams, steps: int) -> tuple[dict[str, list], dict[str, list]]:
+    """The unmoved run on ``reference`` to its end, and ``steps`` steps on ``source``."""
+    expected: dict[str, list] = {}
+    reference.add_request(request_id, prompt, sampling)
+    run(reference, expected)
+    got: dict[str, list] = {}
+    source.add_request(request_id, prompt, sampling)
+    run(source, got, max_steps=steps)
+    return expected, got
+
+
+def started_and_exported(source: LLMEngine, request_id: str, prompt: list[int],
+                         steps: int) -> RequestSnapshot:
+    source.add_request(request_id, prompt, GREEDY)
+    run(source, {}, max_steps=steps)
+    return source.export_request(request_id)
 
 
 def move(source: LLMEngine, destination: LLMEngine, request_id: str) -> None:
@@ -112,13 +132,7 @@ def test_moved_request_continues_exactly(engines, case):
     prompt = random_prompts(len(case), [prompt_len])[0]
     request_id = f"{case}-{source.scheduler.policy_name}"
 
-    expected: dict[str, list] = {}
-    reference.add_request(request_id, prompt, sampling)
-    run(reference, expected)
-
-    got: dict[str, list] = {}
-    source.add_request(request_id, prompt, sampling)
-    run(source, got, max_steps=steps_before)
+    expected, got = start(reference, source, request_id, prompt, sampling, steps_before)
     request = source.scheduler.requests[request_id]
     if prompt_len > MAX_NUM_TOKENS and steps_before * MAX_NUM_TOKENS < prompt_len:
         assert 0 < request.num_computed_tokens < prompt_len, "not in the middle of a prefill"
@@ -140,13 +154,7 @@ def test_cancelled_export_resumes_on_the_source(engines):
     reference, source, destination = engines
     prompt = random_prompts(7, [24])[0]
     request_id = f"cancelled-{source.scheduler.policy_name}"
-    expected: dict[str, list] = {}
-    reference.add_request(request_id, prompt, SEEDED)
-    run(reference, expected)
-
-    got: dict[str, list] = {}
-    source.add_request(request_id, prompt, SEEDED)
-    run(source, got, max_steps=5)
+    expected, got = start(reference, source, request_id, prompt, SEEDED, steps=5)
     snapshot = source.export_request(request_id)
     assert source.scheduler.detached[request_id][0].status is RequestStatus.MIGRATING
     assert source.step() == []  # not scheduled while it is being moved
@@ -162,10 +170,7 @@ def test_cancelled_export_resumes_on_the_source(engines):
 def test_client_cancel_while_exported_frees_every_block(engines):
     _, source, destination = engines
     request_id = f"aborted-{source.scheduler.policy_name}"
-    source.add_request(request_id, random_prompts(3, [30])[0], GREEDY)
-    for _ in range(4):
-        source.step()
-    snapshot = source.export_request(request_id)
+    snapshot = started_and_exported(source, request_id, random_prompts(3, [30])[0], steps=4)
     on_host, block_ids = source.request_blocks(request_id)
     assert block_ids and source.block_manager.is_pinned(request_id)
     data = source.read_blocks(block_ids, on_host)
@@ -180,10 +185,7 @@ def test_client_cancel_while_exported_frees_every_block(engines):
 def test_import_refuses_a_request_without_its_blocks(engines):
     _, source, destination = engines
     request_id = f"refused-{source.scheduler.policy_name}"
-    source.add_request(request_id, random_prompts(5, [20])[0], GREEDY)
-    for _ in range(3):
-        source.step()
-    snapshot = source.export_request(request_id)
+    snapshot = started_and_exported(source, request_id, random_prompts(5, [20])[0], steps=3)
     with pytest.raises(ValueError, match="reserved"):
         destination.import_request(snapshot)  # nothing reserved or written
     source.cancel_export(request_id)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from engine_helpers import swapping_simulation
 from test_tp_engine import assert_no_workers_left, make_engine
 
-from preemptserve.bench.workload import synthetic
 from preemptserve.core.request import SamplingParams
 from preemptserve.core.scheduler import (
     BlockSwap,
@@ -20,15 +20,6 @@ from preemptserve.core.scheduler import (
     available_policies,
 )
 from preemptserve.engine.tp_plan import PlanDecoder, PlanEncoder
-from preemptserve.sim.cost_model import IterationCostModel
-from preemptserve.sim.simulator import SimConfig, Simulator
-
-COST = IterationCostModel(
-    fixed_s=0.005, per_prefill_token_s=2e-4, per_decode_token_s=1e-3,
-    per_decode_context_token_s=1e-6, per_prefill_attention_s=1e-8, per_sampled_token_s=1e-4,
-    swap_fixed_s=1e-4, swap_bytes_per_s=5e9, kv_bytes_per_token=32768, max_model_len=2048,
-    hidden_recompute_s_per_block=1e-5,
-)
 
 
 def send(encoder: PlanEncoder, decoder: PlanDecoder, output: SchedulerOutput) -> int:
@@ -40,12 +31,7 @@ def send(encoder: PlanEncoder, decoder: PlanDecoder, output: SchedulerOutput) ->
 
 @pytest.mark.parametrize("policy", available_policies())
 def test_every_plan_of_a_simulated_run_is_rebuilt_exactly(policy):
-    params = {"scheduler_policy": policy, "kv_cache_bytes": str(8 * 2**20),
-              "kv_cache_host_memory_bytes": str(32 * 2**20), "max_batch_size": "16",
-              "max_num_tokens": "256"}
-    workload = synthetic("sharegpt", 60, rate_rps=20.0, seed=3, length_scale=0.3,
-                         max_context_tokens=256)
-    sim = Simulator(SimConfig.from_parameters(params, COST), COST, workload)
+    sim = swapping_simulation(policy, seed=3)
     encoder, decoder = PlanEncoder(), PlanDecoder()
     seen = {"plans": 0, "preempted": 0, "finished": 0, "delta": 0, "whole": 0}
     schedule = sim.scheduler.schedule
