@@ -1,0 +1,1 @@
+"""Many engine instances behind one model: moving requests between them (Llumnix)."""
