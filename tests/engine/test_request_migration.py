@@ -96,6 +96,11 @@ def move(source: LLMEngine, destination: LLMEngine, request_id: str) -> None:
     source.finish_export(request_id)
 
 
+def assert_unmoved(got: dict[str, list], expected: dict[str, list], request_id: str) -> None:
+    assert got[request_id][0] == expected[request_id][0], "tokens differ from the unmoved run"
+    assert "".join(got[request_id][1]) == "".join(expected[request_id][1]), "text differs"
+
+
 def swap_to_host(engine: LLMEngine, request_id: str) -> None:
     """Move a request's KV to the host tier as a policy's swap-out would."""
     pairs = engine.block_manager.swap_out(request_id, reuse_now=True)
@@ -145,8 +150,7 @@ def test_moved_request_continues_exactly(engines, case):
     assert not source.has_unfinished_requests()
     run(destination, got)
 
-    assert got[request_id][0] == expected[request_id][0], "tokens differ from the unmoved run"
-    assert "".join(got[request_id][1]) == "".join(expected[request_id][1])
+    assert_unmoved(got, expected, request_id)
     assert_idle(reference, source, destination)
 
 
@@ -247,8 +251,7 @@ def test_moved_between_tensor_parallel_engines(default_model_dir, to_host):
         destination.write_blocks(reserved, on_host, data)
         destination.import_request(snapshot)
         run(destination, got)
-        assert got["r"][0] == expected["r"][0]
-        assert "".join(got["r"][1]) == "".join(expected["r"][1])
+        assert_unmoved(got, expected, "r")
         assert_idle(destination)
     finally:
         stopped(destination)

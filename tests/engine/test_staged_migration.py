@@ -12,7 +12,9 @@ from engine_helpers import block_bytes, random_prompts
 from test_request_migration import (
     GREEDY,
     assert_idle,
+    assert_unmoved,
     run,
+    start,
     swap_to_host,
 )
 
@@ -49,13 +51,6 @@ def engines(request, default_model_dir, tmp_path_factory):
     return make(), make(), make()
 
 
-def unmoved(reference: LLMEngine, request_id: str, prompt, sampling) -> dict[str, list]:
-    expected: dict[str, list] = {}
-    reference.add_request(request_id, prompt, sampling)
-    run(reference, expected)
-    return expected
-
-
 def migrate(source: LLMEngine, migration: StagedMigration, got: dict[str, list]):
     """Step the source and the migration in turn, as the source's engine loop would."""
     while (result := migration.step()) is None:
@@ -68,17 +63,13 @@ def test_staged_move_continues_exactly(engines, sampling):
     reference, source, destination = engines
     prompt = random_prompts(21, [40])[0]
     request_id = f"staged-{sampling.greedy}-{source.scheduler.policy_name}"
-    expected = unmoved(reference, request_id, prompt, sampling)
-    got: dict[str, list] = {}
-    source.add_request(request_id, prompt, sampling)
-    run(source, got, max_steps=2)
+    expected, got = start(reference, source, request_id, prompt, sampling, steps=2)
     result = migrate(source, StagedMigration(source, destination, request_id, STAGED), got)
     assert result.status is MigrationStatus.COMMITTED, result
     assert result.num_stages >= 2, "not a staged move"
     assert request_id not in source.scheduler.requests
     run(destination, got)
-    assert got[request_id][0] == expected[request_id][0]
-    assert "".join(got[request_id][1]) == "".join(expected[request_id][1])
+    assert_unmoved(got, expected, request_id)
     assert_idle(reference, source, destination)
 
 
@@ -86,10 +77,7 @@ def test_a_swapped_out_request_moves_host_tier_to_host_tier_in_one_stage(engines
     reference, source, destination = engines
     prompt = random_prompts(22, [40])[0]
     request_id = f"host-{source.scheduler.policy_name}"
-    expected = unmoved(reference, request_id, prompt, LONG)
-    got: dict[str, list] = {}
-    source.add_request(request_id, prompt, LONG)
-    run(source, got, max_steps=3)
+    expected, got = start(reference, source, request_id, prompt, LONG, steps=3)
     swap_to_host(source, request_id)
     result = StagedMigration(source, destination, request_id, STAGED).step()
     assert result is not None and result.status is MigrationStatus.COMMITTED
@@ -108,10 +96,7 @@ def _abort_case(engines, seed: int, prepare, expect: MigrationStatus,
     reference, source, destination = engines
     prompt = random_prompts(seed, [40])[0]
     request_id = f"abort{seed}-{source.scheduler.policy_name}"
-    expected = unmoved(reference, request_id, prompt, LONG)
-    got: dict[str, list] = {}
-    source.add_request(request_id, prompt, LONG)
-    run(source, got, max_steps=2)
+    expected, got = start(reference, source, request_id, prompt, LONG, steps=2)
     migration = StagedMigration(source, destination, request_id, config)
     stage = 0
     while (result := migration.step()) is None:
@@ -123,8 +108,7 @@ def _abort_case(engines, seed: int, prepare, expect: MigrationStatus,
     assert not destination.block_manager.reserved_blocks(request_id)
     run(source, got)
     if expect is MigrationStatus.ABORTED_DST:  # it resumed on the source, unharmed
-        assert got[request_id][0] == expected[request_id][0]
-        assert "".join(got[request_id][1]) == "".join(expected[request_id][1])
+        assert_unmoved(got, expected, request_id)
     elif request_id in source.scheduler.requests or got.get(request_id, ([], []))[0]:
         assert got[request_id][0] == expected[request_id][0][:len(got[request_id][0])]
     return result
