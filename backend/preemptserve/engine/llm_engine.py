@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,19 +18,18 @@ from ..core.cache_sizes import pool_sizes
 from ..core.cost_model import CostModel
 from ..core.request import CacheMode, Request, RequestStatus, SamplingParams
 from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
-from ..core.scheduler.load import InstanceLoad, instance_load
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
 from .executor import Executor, LocalExecutor, ShardSpec
 from .iteration_stats import IterationStats
 from .kv_cache import hidden_bytes_per_token, hidden_tokens_per_block, kv_bytes_per_token
-from .migration import RequestSnapshot
+from .migration import RequestMigration
 from .profiling import (
     load_profile_file,
     measure_hidden_recompute_cost,
     measure_prefill_profile,
 )
-from .sampler import SamplingState, generator_state, new_generator
+from .sampler import SamplingState, new_generator
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -95,7 +93,10 @@ def resolve_model_dir(model_dir: str) -> Path:
     return path
 
 
-class LLMEngine:
+class LLMEngine(RequestMigration):
+    """Tokenizer + scheduler + executor; also the seams that move a request to another
+    engine (``RequestMigration``, in ``migration.py``)."""
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
@@ -261,107 +262,6 @@ class LLMEngine:
             finish_reason=request.finish_reason, num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
         )
-
-    # -- moving requests between engines ---------------------------------------------------
-    #
-    # The source:      snapshot = export_request(id)      (no longer scheduled; MIGRATING)
-    #                  kv = read_blocks(*request_blocks(id))   (all at once, or in stages)
-    # The destination: reserve_blocks(id, n, on_host); write_blocks(ids, on_host, kv)
-    #                  import_request(snapshot)           (continues where it stopped)
-    # The source:      finish_export(id) once the destination has it (blocks freed), or
-    #                  cancel_export(id) if the move failed (it resumes here).
-
-    def load(self) -> InstanceLoad:
-        """This instance's freeness as Llumnix defines it (``core/scheduler/load.py``)."""
-        return instance_load(self.scheduler)
-
-    def migration_candidates(self) -> list[str]:
-        """Requests that may move: started, holding their cache in either tier."""
-        return self.scheduler.migration_candidates()
-
-    def request_blocks(self, request_id: str) -> tuple[bool, tuple[int, ...]]:
-        """(on the host tier, block ids) of a request's cache; no blocks if it has none."""
-        bm = self.block_manager
-        if bm.is_on_host(request_id):
-            return True, bm.host_block_ids(request_id)
-        return False, bm.block_ids(request_id)
-
-    def export_request(self, request_id: str) -> RequestSnapshot:
-        """Stop scheduling a request and describe it for another engine.
-
-        Its blocks stay pinned (nothing reuses them) until ``finish_export`` or
-        ``cancel_export``; a cancel from the client meanwhile aborts it as usual.
-        Raises ``KeyError`` if the request is not scheduled here.
-        """
-        request = self.scheduler.requests[request_id]
-        policy_state = self.scheduler.detach(request_id)
-        self.block_manager.pin(request_id)
-        on_host, block_ids = self.request_blocks(request_id)
-        return RequestSnapshot.of(request, time.monotonic(), generator_state(request.generator),
-                                  self.scheduler.policy_name, policy_state, on_host,
-                                  len(block_ids))
-
-    def finish_export(self, request_id: str) -> None:
-        """The destination has the request: free it here."""
-        self.scheduler.release_detached(request_id)
-        self.block_manager.unpin(request_id)
-
-    def cancel_export(self, request_id: str) -> None:
-        """The move failed: the request resumes here, where it stopped."""
-        self.scheduler.reattach(request_id)
-        self.block_manager.unpin(request_id)
-
-    def read_blocks(self, block_ids: Sequence[int], on_host: bool) -> list[torch.Tensor]:
-        """The contents of the given blocks of one tier: one CPU tensor per rank."""
-        return self.executor.read_blocks(block_ids, on_host)
-
-    def write_blocks(self, block_ids: Sequence[int], on_host: bool,
-                     data: Sequence[torch.Tensor]) -> None:
-        """Write ``read_blocks``' result (of a like engine) into the given blocks."""
-        self.executor.write_blocks(block_ids, on_host, data)
-
-    def reserve_blocks(self, request_id: str, num_blocks: int,
-                       on_host: bool = False) -> list[int] | None:
-        """Set aside (more) blocks for a request arriving from another engine; None if
-        the tier is short. ``import_request`` adopts them, ``release_reservation`` not."""
-        return self.block_manager.reserve(request_id, num_blocks, on_host)
-
-    def release_reservation(self, request_id: str) -> None:
-        self.block_manager.release_reservation(request_id)
-
-    def import_request(self, snapshot: RequestSnapshot) -> None:
-        """Continue a request exported by another engine of the same model.
-
-        Its cache (``snapshot.num_blocks`` blocks in the tier it had) must be in blocks
-        reserved here and written already. Raises ``ValueError`` if the request cannot
-        run here; the reservation is then left to the caller to release.
-        """
-        request_id = snapshot.request_id
-        bm = self.block_manager
-        if request_id in self.scheduler.requests or request_id in self.scheduler.detached:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        hidden = snapshot.cache_mode is CacheMode.HIDDEN
-        if hidden and not bm.supports_hidden:
-            raise ValueError("the request is in hidden cache mode, unavailable here: "
-                             f"{self.hidden_unavailable_reason}")
-        total = len(snapshot.prompt_token_ids) + snapshot.sampling.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"the request needs {total} tokens of context; this engine "
-                             f"has {self.max_model_len}")
-        reserved = bm.reserved_blocks(request_id, snapshot.on_host)
-        if len(reserved) != snapshot.num_blocks:
-            raise ValueError(f"{request_id!r}: {len(reserved)} blocks reserved in the "
-                             f"{'host' if snapshot.on_host else 'device'} tier for a cache "
-                             f"of {snapshot.num_blocks}")
-        request = snapshot.to_request(time.monotonic())
-        request.generator = new_generator(request.sampling, self.device,
-                                          snapshot.generator_state)
-        request.detokenizer = IncrementalDetokenizer.restore(self.tokenizer,
-                                                             snapshot.detokenizer_state)
-        if snapshot.num_blocks:
-            bm.adopt(request_id, hidden=hidden, on_host=snapshot.on_host)
-        same_policy = snapshot.policy == self.scheduler.policy_name
-        self.scheduler.adopt(request, snapshot.policy_state if same_policy else None)
 
     @property
     def failure(self) -> str | None:
