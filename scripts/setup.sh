@@ -53,10 +53,10 @@ want_stamp="$(
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want_stamp" != "$have_stamp" ]] \
     || ! "$VENV/bin/python" -c 'import importlib.util as u, sys
-sys.exit(not all(u.find_spec(m) for m in ("preemptserve", "tritonclient", "pytriton")))'; then
+sys.exit(not all(u.find_spec(m) for m in ("preemptserve", "tritonclient", "pytriton", "ray")))'; then
     say "installing Python packages into .venv (a few minutes on a fresh machine)"
     run_logged "pip install" "$VENV/bin/python" -m pip install --quiet \
-        --disable-pip-version-check -e "${ROOT}[test]"
+        --disable-pip-version-check -e "${ROOT}[test,cluster]"
     echo "$want_stamp" >"$STAMP"
 fi
 
