@@ -1,4 +1,4 @@
-"""Imports flow one way: the scheduler layer imports neither torch nor Triton."""
+"""Imports flow one way: the scheduler layer imports neither torch, Triton nor Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "backend" / "preemptserve"
 SCHEDULER_LAYER = sorted((PACKAGE_DIR / "core").rglob("*.py")) + [PACKAGE_DIR / "config.py"]
-FORBIDDEN = ("torch", "triton_python_backend_utils")
+FORBIDDEN = ("torch", "triton_python_backend_utils", "ray")
 
 
 def imported_modules(path: Path, source: str | None = None) -> set[str]:
@@ -96,9 +96,10 @@ def test_importing_scheduler_loads_no_torch() -> None:
         "import sys\n"
         "import preemptserve.core.scheduler\n"
         "import preemptserve.core.block_manager\n"
+        "import preemptserve.core.global_scheduler\n"
         "import preemptserve.config\n"
         "bad = sorted(m for m in sys.modules\n"
-        "             if m.split('.')[0] in ('torch', 'triton_python_backend_utils'))\n"
+        f"             if m.split('.')[0] in {FORBIDDEN!r})\n"
         "print(','.join(bad))\n"
         "sys.exit(1 if bad else 0)\n"
     )

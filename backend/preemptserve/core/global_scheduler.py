@@ -1,0 +1,229 @@
+"""The global scheduler's policies for many engine instances (Llumnix). No torch, no Ray.
+
+The global scheduler sees only each instance's load report (``InstanceLoad``, sent
+about every 50 ms), never per-request state. Three decisions, all pure and
+deterministic (no randomness: Llumnix's ``TOPK_RANDOM_DISPATCH = 1`` picks the top
+one), so the Ray runtime and the cluster simulator call the very same functions:
+
+* **Dispatch** (``Dispatcher``; llumnix.md 1.3): which instance takes a new request.
+  ``load`` is Llumnix's (and the paper's INFaaS++ baseline's) rule: the highest
+  dispatch freeness. ``balanced`` is our queue-blind baseline: the lowest share of KV
+  blocks in use (Llumnix's ``balanced`` counts requests dispatched so far instead).
+  ``round_robin`` cycles. Beyond Llumnix, a dispatched request counts on its instance
+  as one more waiting request until that instance's next report, so a burst that
+  arrives between two reports spreads instead of landing on one instance.
+* **Migration pairing** (``pair_migrations``; llumnix.md 1.4, policy ``defrag``): which
+  overloaded instance moves a request to which freer one; ``drain_pairs`` for an
+  instance being drained.
+* **Request choice** on the source (``choose_request``): Llumnix's ``SR`` / ``LR`` /
+  ``LCR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+from .scheduler.load import InstanceLoad
+
+DISPATCH_POLICIES = ("round_robin", "balanced", "load")
+REQUEST_POLICIES = ("SR", "LR", "LCR")
+MIGRATE_OUT_THRESHOLD = 3.0  # decode steps of memory per request (llumnix.md 1.7)
+
+
+class NoInstanceError(RuntimeError):
+    """No instance is alive to take a request."""
+
+
+class Dispatcher:
+    """Chooses the instance of each new request from the instances' newest load reports.
+
+    Instances are ``0 .. num_instances - 1``, all alive at first. An instance that has
+    not reported yet counts as empty (infinitely free); among such instances the one
+    sent the fewest requests since it last reported wins, then the lowest id.
+
+    Caveat of Llumnix's dispatch freeness: once ``sum(waiting blocks) > available``
+    (F < 0), one more waiting request with fewer blocks than ``-F`` raises F, so under
+    ``load`` an overloaded instance draws the burst instead of shedding it.
+    """
+
+    def __init__(self, policy: str, num_instances: int) -> None:
+        if policy not in DISPATCH_POLICIES:
+            raise ValueError(
+                f"unknown dispatch policy {policy!r}; choices: {list(DISPATCH_POLICIES)}"
+            )
+        if num_instances < 1:
+            raise ValueError(f"num_instances must be at least 1, got {num_instances}")
+        self.policy = policy
+        self.num_instances = num_instances
+        # The newest report plus the requests dispatched since it (None: no report yet).
+        self._loads: list[InstanceLoad | None] = [None] * num_instances
+        self._num_dispatched = [0] * num_instances  # since the instance's last report
+        self._alive = [True] * num_instances
+        self._next = 0  # round_robin's next instance
+
+    def update(self, instance: int, load: InstanceLoad | None) -> None:
+        """The newest load report of ``instance``; drops the requests accounted on it."""
+        self._check(instance)
+        self._loads[instance] = load
+        self._num_dispatched[instance] = 0
+
+    def set_alive(self, instance: int, alive: bool) -> None:
+        """A dead or draining instance (``alive=False``) never receives requests."""
+        self._check(instance)
+        self._alive[instance] = alive
+
+    def load(self, instance: int) -> InstanceLoad | None:
+        """The instance's newest report with the requests dispatched to it since."""
+        self._check(instance)
+        return self._loads[instance]
+
+    def choose(self, prompt_blocks: int) -> int:
+        """The instance for a new request whose prompt needs ``prompt_blocks`` KV blocks.
+
+        Raises ``NoInstanceError`` when no instance is alive.
+        """
+        if prompt_blocks < 0:
+            raise ValueError(f"prompt_blocks must be non-negative, got {prompt_blocks}")
+        alive = [i for i in range(self.num_instances) if self._alive[i]]
+        if not alive:
+            raise NoInstanceError(f"none of the {self.num_instances} instances is alive")
+        if self.policy == "round_robin":
+            chosen = next(i % self.num_instances
+                          for i in range(self._next, self._next + self.num_instances)
+                          if self._alive[i % self.num_instances])
+            self._next = (chosen + 1) % self.num_instances
+        elif self.policy == "balanced":
+            chosen = min(alive, key=self._balanced_key)
+        else:
+            chosen = min(alive, key=self._load_key)
+        self._account(chosen, prompt_blocks)
+        return chosen
+
+    def _balanced_key(self, instance: int) -> tuple[float, int, int]:
+        load = self._loads[instance]
+        if load is None:
+            return (0.0, self._num_dispatched[instance], instance)
+        share = load.num_used_blocks / load.num_blocks if load.num_blocks else math.inf
+        return (share, load.num_running + load.num_waiting, instance)
+
+    def _load_key(self, instance: int) -> tuple[float, int, int]:
+        load = self._loads[instance]
+        if load is None:
+            return (-math.inf, self._num_dispatched[instance], instance)
+        return (-load.dispatch_freeness, 0, instance)
+
+    def _account(self, instance: int, prompt_blocks: int) -> None:
+        # The request waits on the instance until its next report says where it stands.
+        self._num_dispatched[instance] += 1
+        load = self._loads[instance]
+        if load is None:
+            return
+        self._loads[instance] = dataclasses.replace(
+            load,
+            num_waiting=load.num_waiting + 1,
+            waiting_blocks=load.waiting_blocks + prompt_blocks,
+            head_of_line_blocks=load.head_of_line_blocks if load.num_waiting else prompt_blocks,
+        )
+
+    def _check(self, instance: int) -> None:
+        if not 0 <= instance < self.num_instances:
+            raise ValueError(f"no instance {instance}; instances are 0..{self.num_instances - 1}")
+
+
+def pair_migrations(
+    loads: Mapping[int, InstanceLoad],
+    threshold: float = MIGRATE_OUT_THRESHOLD,
+    busy: Collection[int] = (),
+) -> list[tuple[int, int]]:
+    """(source, destination) pairs: each source moves one request to its destination.
+
+    Llumnix's ``defrag`` pairing (llumnix.md 1.4), on migration freeness ``F``:
+
+    * sources: ``F < -threshold`` (fewer than ``threshold`` decode steps of memory left
+      per request; Llumnix's ``MIGRATE_OUT_THRESHOLD``) and at least one running
+      request, since only started requests are chosen to move;
+    * destinations: ``F >= -threshold`` and ``F`` strictly greater than the source's
+      (no ping-pong between equally loaded instances); a source is never a destination;
+    * an instance in ``busy`` (a migration in or out in flight; Llumnix's
+      ``MAX_MIGRATION_CONCURRENCY = 1``) or absent from ``loads`` (dead, draining or no
+      report yet) is neither;
+    * sources by ascending ``F``, destinations by descending ``F`` (ties by lowest id):
+      the i-th source pairs with the i-th destination, so each instance is in at most
+      one pair and the most loaded instance meets the freest one.
+
+    Only memory triggers migration. Llumnix also makes an instance with preempted
+    ("killed") requests a source; MLFQ and Apt preempt by design, not only when memory
+    runs short, so that trigger would churn (llumnix.md 4.3, open question). Memory
+    still sees preemption: freeness counts started requests' host-tier KV as used.
+    """
+    sources: list[tuple[float, int]] = []
+    destinations: list[tuple[float, int]] = []
+    for instance, load in loads.items():
+        if instance in busy:
+            continue
+        freeness = load.migration_freeness
+        if freeness < -threshold:
+            if load.num_running:
+                sources.append((freeness, instance))
+        else:
+            destinations.append((freeness, instance))
+    sources.sort()
+    destinations.sort(key=lambda d: (-d[0], d[1]))
+    pairs = zip(sources, destinations, strict=False)  # the surplus stays unpaired
+    return [(src, dst) for (src_f, src), (dst_f, dst) in pairs if dst_f > src_f]
+
+
+def drain_pairs(
+    draining: int, loads: Mapping[int, InstanceLoad], busy: Collection[int] = ()
+) -> int | None:
+    """Where the next request of the ``draining`` instance moves to, or None.
+
+    The instance in ``loads`` (put only those that may receive requests there: alive
+    and not draining themselves, or list the others in ``busy``), other than
+    ``draining`` and not busy, with the highest migration freeness (ties by lowest id),
+    however loaded. None when there is none, or when ``draining`` itself is busy (one
+    migration at a time per instance). Llumnix spreads a terminating instance's
+    requests round-robin; picking the freest instance fills the cluster evenly instead.
+    """
+    if draining in busy:
+        return None
+    candidates = [i for i in loads if i != draining and i not in busy]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: (-loads[i].migration_freeness, i))
+
+
+@dataclass(frozen=True)
+class MigrationCandidate:
+    """A request the source instance could move: started and not already migrating."""
+
+    request_id: str
+    num_tokens: int  # prompt plus generated tokens so far
+    num_blocks: int  # KV blocks it holds (on its tier)
+    on_host: bool  # its KV is on the host tier (preempted by a swap)
+    age_s: float  # time since it arrived
+
+
+def choose_request(
+    candidates: Iterable[MigrationCandidate], policy: str = "SR"
+) -> MigrationCandidate | None:
+    """The request to migrate out of a source instance, or None if there is none.
+
+    Llumnix's ``REQUEST_MIGRATION_POLICY`` (llumnix.md 1.4), ties by ``request_id``:
+    ``SR`` the shortest running request (fewest tokens; the default, cheapest to copy),
+    ``LR`` the longest, ``LCR`` the last come (smallest age). The tier plays no part,
+    as in Llumnix, though a host-tier request moves in one stage with no downtime.
+    """
+    if policy not in REQUEST_POLICIES:
+        raise ValueError(
+            f"unknown request migration policy {policy!r}; choices: {list(REQUEST_POLICIES)}"
+        )
+    keys = {
+        "SR": lambda c: (c.num_tokens, c.request_id),
+        "LR": lambda c: (-c.num_tokens, c.request_id),
+        "LCR": lambda c: (c.age_s, c.request_id),
+    }
+    return min(candidates, key=keys[policy], default=None)
