@@ -111,10 +111,70 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Many engine instances behind one model (Llumnix): Ray actors, dispatch, migration.
+
+    ``num_instances`` 1 (the default) is one engine in the model's own process, and Ray
+    is not imported. Names and defaults follow Llumnix (``../shared/design/llumnix.md``
+    section 1.7) where it has one.
+    """
+
+    num_instances: int = 1
+    # "" starts a private Ray cluster on loopback, owned by the model (it ends with it);
+    # "host:port" joins a running one (``ray start --head``), e.g. to spread instances
+    # over machines.
+    ray_address: str = ""
+    # Ray's RAY_AUTH_MODE; "": "disabled" for the private loopback cluster, "token" when
+    # joining one.
+    ray_auth_mode: str = ""
+    # Where the private cluster keeps its sockets and logs ("": Ray's default).
+    ray_temp_dir: str = ""
+    cpus_per_instance: int = 1  # Ray CPUs each instance asks for, and its torch threads
+    dispatch_policy: str = "load"  # round_robin | balanced | load (freeness)
+    enable_migration: bool = True
+    migrate_out_threshold: float = 3.0  # overloaded: fewer free decode steps than this
+    migration_max_stages: int = 3
+    migration_last_stage_max_blocks: int = 16
+    migration_request_policy: str = "SR"  # SR | LR | LCR
+    migration_transport: str = "object_store"  # object_store | gloo
+    polling_interval_ms: int = 50  # load reports, output polls, migration pairing
+    # A reservation for a move in no call of its source this long is freed (the source
+    # died), Llumnix's PENDING_MIGRATE_IN_TIMEOUT; also the limit of each remote call.
+    migration_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError(f"num_instances must be >= 1, got {self.num_instances}")
+        if self.cpus_per_instance < 1:
+            raise ValueError(f"cpus_per_instance must be >= 1, got {self.cpus_per_instance}")
+        if self.migration_transport not in ("object_store", "gloo"):
+            raise ValueError("migration_transport must be object_store or gloo, got "
+                             f"{self.migration_transport!r}")
+        if self.ray_auth_mode not in ("", "token", "disabled"):
+            raise ValueError(f"ray_auth_mode must be token or disabled, got "
+                             f"{self.ray_auth_mode!r}")
+        if self.polling_interval_ms <= 0 or self.migration_timeout_s <= 0:
+            raise ValueError("polling_interval_ms and migration_timeout_s must be positive")
+        if self.migration_max_stages < 1 or self.migration_last_stage_max_blocks < 0:
+            raise ValueError("need migration_max_stages >= 1 and "
+                             "migration_last_stage_max_blocks >= 0")
+        from .core.global_scheduler import DISPATCH_POLICIES, REQUEST_POLICIES
+
+        if self.dispatch_policy not in DISPATCH_POLICIES:
+            raise ValueError(f"dispatch_policy must be one of {', '.join(DISPATCH_POLICIES)}"
+                             f", got {self.dispatch_policy!r}")
+        if self.migration_request_policy not in REQUEST_POLICIES:
+            raise ValueError("migration_request_policy must be one of "
+                             f"{', '.join(REQUEST_POLICIES)}, got "
+                             f"{self.migration_request_policy!r}")
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     """Settings of the Triton adapter and its engine loop."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     cancellation_check_period_ms: int = 50
     exclude_input_in_output: bool = True
     # An engine that cannot go on (a tensor-parallel rank died) unloads its Triton model,
@@ -172,6 +232,20 @@ _PARAMETERS = {
     "unload_model_on_failure": ("serving", "unload_model_on_failure", _parse_bool),
     "iteration_stats_path": ("serving", "iteration_stats_path", str),
     "max_queue_size": ("serving", "max_queue_size", int),
+    "num_instances": ("cluster", "num_instances", int),
+    "ray_address": ("cluster", "ray_address", str),
+    "ray_auth_mode": ("cluster", "ray_auth_mode", str),
+    "ray_temp_dir": ("cluster", "ray_temp_dir", str),
+    "cpus_per_instance": ("cluster", "cpus_per_instance", int),
+    "dispatch_policy": ("cluster", "dispatch_policy", str),
+    "enable_migration": ("cluster", "enable_migration", _parse_bool),
+    "migrate_out_threshold": ("cluster", "migrate_out_threshold", float),
+    "migration_max_stages": ("cluster", "migration_max_stages", int),
+    "migration_last_stage_max_blocks": ("cluster", "migration_last_stage_max_blocks", int),
+    "migration_request_policy": ("cluster", "migration_request_policy", str),
+    "migration_transport": ("cluster", "migration_transport", str),
+    "polling_interval_ms": ("cluster", "polling_interval_ms", int),
+    "migration_timeout_s": ("cluster", "migration_timeout_s", float),
 }
 
 
@@ -194,7 +268,7 @@ def serving_config_from_parameters(parameters: Mapping[str, str]) -> ServingConf
 
     policy_names = policy_parameter_names()
     sections: dict[str, dict[str, object]] = {
-        "engine": {}, "scheduler": {}, "cache": {}, "serving": {}
+        "engine": {}, "scheduler": {}, "cache": {}, "serving": {}, "cluster": {}
     }
     policy_values: dict[str, str] = {}
     for name, raw in parameters.items():
@@ -223,7 +297,12 @@ def serving_config_from_parameters(parameters: Mapping[str, str]) -> ServingConf
         cache=CacheConfig(**sections["cache"]),  # type: ignore[arg-type]
         **sections["engine"],  # type: ignore[arg-type]
     )
-    return ServingConfig(engine=engine, **sections["serving"])  # type: ignore[arg-type]
+    try:
+        cluster = ClusterConfig(**sections["cluster"])  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"cluster parameters: {exc}") from exc
+    return ServingConfig(engine=engine, cluster=cluster,
+                         **sections["serving"])  # type: ignore[arg-type]
 
 
 def engine_parameter_names() -> frozenset[str]:
@@ -240,6 +319,7 @@ def parameter_names() -> list[str]:
 
 __all__ = [
     "CacheConfig",
+    "ClusterConfig",
     "EngineConfig",
     "FrozenOptions",
     "SchedulerConfig",

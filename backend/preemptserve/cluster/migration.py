@@ -19,8 +19,11 @@ released); the destination has no room at some stage, or refuses the request at 
 ``ABORTED_DST`` (released too; after the last stage began, the request resumes on the
 source where it stopped). Either way both engines keep every block accounted for.
 
-The engines are driven from one thread here (both in one process, the transport a
-function call); across processes a transport carries the block data.
+The two sides are endpoints (``MigrationSource``, ``MigrationDestination``), each stage
+one call per side: an ``LLMEngine`` is both (two engines in one process, driven from one
+thread, the transport a function call); a cluster instance wraps them so that each call
+runs on its engine's thread between two steps, the destination in another process
+(``cluster/instance.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,29 @@ import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from ..engine.llm_engine import LLMEngine
+from ..engine.migration import RequestSnapshot, StageOut
 
-# Block data of every rank (what ``LLMEngine.read_blocks`` returns) from source to
-# destination; in one process, the identity.
+# Block data of every rank (``StageOut.data``) from source to destination; in one
+# process, the identity.
 Transport = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class MigrationSource(Protocol):
+    def stage_out(self, request_id: str, sent: tuple[int, ...], sent_on_host: bool,
+                  num_preemptions: int | None, last_stage_max_blocks: int) -> StageOut: ...
+
+    def end_export(self, request_id: str, committed: bool) -> bool: ...
+
+
+class MigrationDestination(Protocol):
+    def stage_in(self, request_id: str, on_host: bool, data: Sequence[Any], num_blocks: int,
+                 snapshot: RequestSnapshot | None) -> str: ...
+
+    def release_reservation(self, request_id: str) -> None: ...
+
+    def abort_request(self, request_id: str) -> Any: ...
 
 
 class MigrationStatus(enum.Enum):
@@ -61,24 +80,25 @@ class MigrationResult:
     num_stages: int
     num_blocks: int  # blocks copied
     downtime_s: float  # from stopping the request on the source to its import
+    num_bytes: int = 0  # block data copied
 
 
 class StagedMigration:
     """Moves one request from ``source`` to ``destination``; call ``step()`` between
     source steps until it returns a result."""
 
-    def __init__(self, source: LLMEngine, destination: LLMEngine, request_id: str,
-                 config: MigrationConfig | None = None,
+    def __init__(self, source: MigrationSource, destination: MigrationDestination,
+                 request_id: str, config: MigrationConfig | None = None,
                  transport: Transport = lambda data: data) -> None:
         self.source = source
         self.destination = destination
         self.request_id = request_id
         self.config = config or MigrationConfig()
         self.transport = transport
-        request = source.scheduler.requests.get(request_id)
-        self._num_preemptions = None if request is None else request.num_preemptions
+        self._num_preemptions: int | None = None  # as of the first stage
         self._sent: tuple[int, ...] = ()  # source blocks copied so far, in table order
-        self._on_host: bool | None = None
+        self._on_host = False
+        self._num_bytes = 0
         self.num_stages = 0
         self.result: MigrationResult | None = None
 
@@ -86,65 +106,46 @@ class StagedMigration:
         """Run one stage; the result once the move committed or aborted, else None."""
         if self.result is not None:
             return self.result
-        reason = self._source_changed()
-        if reason:
-            return self._abort(MigrationStatus.ABORTED_SRC, reason)
         if self.num_stages >= self.config.max_stages:
             return self._abort(MigrationStatus.ABORTED_SRC,
                                f"not done in {self.config.max_stages} stages")
         self.num_stages += 1
-        on_host, block_ids = self.source.request_blocks(self.request_id)
-        remaining = block_ids[len(self._sent):]
-        if on_host or len(remaining) <= self.config.last_stage_max_blocks:
-            return self._last_stage()
-        if not self._copy(remaining[:-1], on_host):  # the last block is still filling
-            return self._abort(MigrationStatus.ABORTED_DST, "destination out of blocks")
-        return None
-
-    def _source_changed(self) -> str:
-        request = self.source.scheduler.requests.get(self.request_id)
-        if request is None:
-            return "the request finished or left the source"
-        if request.num_preemptions != self._num_preemptions:
-            return "the request was preempted"
-        on_host, block_ids = self.source.request_blocks(self.request_id)
-        if self._sent and (on_host != self._on_host
-                           or block_ids[:len(self._sent)] != self._sent):
-            return "the request's blocks moved"
-        return ""
-
-    def _copy(self, block_ids: Sequence[int], on_host: bool) -> bool:
-        """Reserve room for ``block_ids`` on the destination and copy them there."""
-        if not block_ids:
-            return True
-        reserved = self.destination.reserve_blocks(self.request_id, len(block_ids), on_host)
-        if reserved is None:
-            return False
-        data = self.transport(self.source.read_blocks(block_ids, on_host))
-        self.destination.write_blocks(reserved, on_host, data)
-        self._sent += tuple(block_ids)
-        self._on_host = on_host
-        return True
-
-    def _last_stage(self) -> MigrationResult:
-        stopped = time.perf_counter()
-        snapshot = self.source.export_request(self.request_id)  # it stops here
-        on_host, block_ids = self.source.request_blocks(self.request_id)
-        if not self._copy(block_ids[len(self._sent):], on_host):
-            self.source.cancel_export(self.request_id)
-            return self._abort(MigrationStatus.ABORTED_DST, "destination out of blocks")
-        try:
-            self.destination.import_request(snapshot)
-        except ValueError as exc:
-            self.source.cancel_export(self.request_id)
-            return self._abort(MigrationStatus.ABORTED_DST, f"refused at commit: {exc}")
-        downtime_s = time.perf_counter() - stopped
-        self.source.finish_export(self.request_id)
-        self.result = MigrationResult(MigrationStatus.COMMITTED, "", self.num_stages,
-                                      len(self._sent), downtime_s)
-        return self.result
+        out = self.source.stage_out(self.request_id, self._sent, self._on_host,
+                                    self._num_preemptions, self.config.last_stage_max_blocks)
+        if out.reason:
+            return self._abort(MigrationStatus.ABORTED_SRC, out.reason)
+        self._num_preemptions = out.num_preemptions
+        reason = self.destination.stage_in(self.request_id, out.on_host,
+                                           self.transport(out.data), len(out.block_ids),
+                                           out.snapshot)
+        if reason:
+            if out.snapshot is not None:  # it stopped on the source: it resumes there
+                self.source.end_export(self.request_id, committed=False)
+            return self._abort(MigrationStatus.ABORTED_DST, reason)
+        self._sent += out.block_ids
+        self._on_host = out.on_host
+        self._num_bytes += sum(_nbytes(rank_data) for rank_data in out.data)
+        if out.snapshot is None:
+            return None
+        downtime_s = time.perf_counter() - out.stopped_s
+        if not self.source.end_export(self.request_id, committed=True):
+            # Its client cancelled it while it was stopped: end the copy too.
+            self.destination.abort_request(self.request_id)
+            return self._done(MigrationStatus.ABORTED_SRC, "the request was cancelled", 0.0)
+        return self._done(MigrationStatus.COMMITTED, "", downtime_s)
 
     def _abort(self, status: MigrationStatus, reason: str) -> MigrationResult:
         self.destination.release_reservation(self.request_id)
-        self.result = MigrationResult(status, reason, self.num_stages, len(self._sent), 0.0)
+        return self._done(status, reason, 0.0)
+
+    def _done(self, status: MigrationStatus, reason: str, downtime_s: float) -> MigrationResult:
+        self.result = MigrationResult(status, reason, self.num_stages, len(self._sent),
+                                      downtime_s, self._num_bytes)
         return self.result
+
+
+def _nbytes(data: Any) -> int:
+    nbytes = getattr(data, "nbytes", None)  # numpy
+    if nbytes is None:
+        nbytes = data.numel() * data.element_size()  # torch
+    return int(nbytes)

@@ -44,9 +44,11 @@ class Dispatcher:
     not reported yet counts as empty (infinitely free); among such instances the one
     sent the fewest requests since it last reported wins, then the lowest id.
 
-    Caveat of Llumnix's dispatch freeness: once ``sum(waiting blocks) > available``
-    (F < 0), one more waiting request with fewer blocks than ``-F`` raises F, so under
-    ``load`` an overloaded instance draws the burst instead of shedding it.
+    Llumnix's dispatch freeness has a quirk: once ``sum(waiting blocks) > available``
+    (F < 0), one more waiting request with fewer blocks than ``-F`` raises F, so an
+    overloaded instance would draw a burst instead of shedding it. Here a request
+    dispatched to an instance never makes it look freer than its report said (the lower
+    of the two counts), and ties go to the instance sent fewer requests since.
     """
 
     def __init__(self, policy: str, num_instances: int) -> None:
@@ -60,6 +62,7 @@ class Dispatcher:
         self.num_instances = num_instances
         # The newest report plus the requests dispatched since it (None: no report yet).
         self._loads: list[InstanceLoad | None] = [None] * num_instances
+        self._reported: list[InstanceLoad | None] = [None] * num_instances
         self._num_dispatched = [0] * num_instances  # since the instance's last report
         self._alive = [True] * num_instances
         self._next = 0  # round_robin's next instance
@@ -67,7 +70,7 @@ class Dispatcher:
     def update(self, instance: int, load: InstanceLoad | None) -> None:
         """The newest load report of ``instance``; drops the requests accounted on it."""
         self._check(instance)
-        self._loads[instance] = load
+        self._loads[instance] = self._reported[instance] = load
         self._num_dispatched[instance] = 0
 
     def set_alive(self, instance: int, alive: bool) -> None:
@@ -113,7 +116,10 @@ class Dispatcher:
         load = self._loads[instance]
         if load is None:
             return (-math.inf, self._num_dispatched[instance], instance)
-        return (-load.dispatch_freeness, 0, instance)
+        reported = self._reported[instance]
+        assert reported is not None
+        freeness = min(load.dispatch_freeness, reported.dispatch_freeness)
+        return (-freeness, self._num_dispatched[instance], instance)
 
     def _account(self, instance: int, prompt_blocks: int) -> None:
         # The request waits on the instance until its next report says where it stands.

@@ -90,6 +90,26 @@ class RequestSnapshot:
         )
 
 
+@dataclass
+class StageOut:
+    """The source's half of one migration stage, taken between two of its steps.
+
+    ``reason``: why the move cannot go on ("" if it can). Otherwise ``block_ids`` are the
+    blocks to send this stage (of tier ``on_host``) and ``data`` their contents (one CPU
+    tensor per rank). On the last stage the request has stopped (``snapshot`` is set,
+    ``stopped_s`` is when, by ``time.perf_counter``) and ``block_ids`` are all its blocks
+    not sent yet, the one still filling included.
+    """
+
+    reason: str = ""
+    on_host: bool = False
+    block_ids: tuple[int, ...] = ()
+    data: Sequence[Any] = ()
+    num_preemptions: int = 0
+    snapshot: RequestSnapshot | None = None
+    stopped_s: float = 0.0
+
+
 class RequestMigration:
     """The engine's seams for moving a request to another engine of the same model::
 
@@ -111,6 +131,61 @@ class RequestMigration:
     device: torch.device
     max_model_len: int
     hidden_unavailable_reason: str
+
+    # -- one stage of a staged move, each side in one call (``cluster/migration.py``) ----
+
+    def stage_out(self, request_id: str, sent: tuple[int, ...], sent_on_host: bool,
+                  num_preemptions: int | None, last_stage_max_blocks: int) -> StageOut:
+        """The source's side of a stage: check the request is as the previous stage left
+        it (``sent``: its blocks copied so far, from tier ``sent_on_host``; it was
+        preempted ``num_preemptions`` times, None on the first stage), then read the
+        blocks to copy. The last stage (at most ``last_stage_max_blocks`` left, or the
+        cache on the host tier, frozen) stops the request first (``export_request``)."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            return StageOut("the request finished or left the source")
+        if num_preemptions is not None and request.num_preemptions != num_preemptions:
+            return StageOut("the request was preempted")
+        on_host, block_ids = self.request_blocks(request_id)
+        if sent and (on_host != sent_on_host or block_ids[:len(sent)] != sent):
+            return StageOut("the request's blocks moved")
+        remaining = block_ids[len(sent):]
+        if on_host or len(remaining) <= last_stage_max_blocks:
+            stopped_s = time.perf_counter()
+            snapshot = self.export_request(request_id)  # it stops here
+            return StageOut("", on_host, remaining, self.read_blocks(remaining, on_host)
+                            if remaining else (), request.num_preemptions, snapshot, stopped_s)
+        to_send = remaining[:-1]  # the last block is still filling
+        return StageOut("", on_host, to_send, self.read_blocks(to_send, on_host)
+                        if to_send else (), request.num_preemptions)
+
+    def stage_in(self, request_id: str, on_host: bool, data: Sequence[Any], num_blocks: int,
+                 snapshot: RequestSnapshot | None) -> str:
+        """The destination's side of a stage: reserve ``num_blocks`` more blocks, write
+        ``data`` there and, on the last stage (``snapshot``), take the request in. Returns
+        why it could not ("" if it did); the reservation is then the caller's to release."""
+        if num_blocks:
+            reserved = self.reserve_blocks(request_id, num_blocks, on_host)
+            if reserved is None:
+                return "destination out of blocks"
+            self.write_blocks(reserved, on_host, data)
+        if snapshot is not None:
+            try:
+                self.import_request(snapshot)
+            except ValueError as exc:
+                return f"refused at commit: {exc}"
+        return ""
+
+    def end_export(self, request_id: str, committed: bool) -> bool:
+        """``finish_export`` (the destination has it) or ``cancel_export`` (it resumes
+        here). False if the request is gone already: cancelled by its client meanwhile."""
+        if request_id not in self.scheduler.detached:
+            return False
+        if committed:
+            self.finish_export(request_id)
+        else:
+            self.cancel_export(request_id)
+        return True
 
     def load(self) -> InstanceLoad:
         """This instance's freeness as Llumnix defines it (``core/scheduler/load.py``)."""

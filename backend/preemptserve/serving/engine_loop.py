@@ -42,7 +42,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.request import SamplingParams
 from ..engine.iteration_stats import IterationLog
@@ -147,8 +149,10 @@ class EngineLoop:
         tbt_slo_s: float | None = None,
         echo_prompt: bool = False,
         stream: bool = True,
+        request_id: str | None = None,
     ) -> str:
-        """Queue a request; returns its internal id. Never raises for bad input.
+        """Queue a request; returns its id (``request_id``, or a new one). Never raises
+        for bad input.
 
         ``echo_prompt`` and ``stream`` shape the outputs' text (``LLMEngine.add_request``).
 
@@ -156,7 +160,7 @@ class EngineLoop:
         request) when ``max_queue_size`` requests are waiting. After shutdown the request
         ends with an error at once (its callback runs if the sender still does).
         """
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
                           ttft_slo_s, tbt_slo_s, echo_prompt, stream)
         with self._lock:
@@ -177,6 +181,34 @@ class EngineLoop:
     def cancel(self, request_id: str) -> None:
         """End a request with ``finish_reason="abort"``; nothing if it has ended already."""
         self._inbox.put(("cancel", request_id))
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
+        """Run ``fn(engine)`` on the engine thread between two steps; its result (or
+        exception) comes in the future. How another thread touches the engine (a move of
+        a request to another engine, ``cluster/instance.py``). Fails at once if the loop
+        has stopped."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(RuntimeError(self._closed_reason()))
+                return future
+            self._inbox.put(("call", (fn, future)))
+        return future
+
+    def track(self, request_id: str, on_output: OutputCallback) -> None:
+        """Serve a request put into the engine directly (``import_request``, a request
+        moved here): its outputs go to ``on_output`` from now on. Engine thread only."""
+        with self._lock:
+            self._requests[request_id] = _Submission(request_id, "", SamplingParams(),
+                                                     on_output, None, stage=_Stage.IN_ENGINE)
+
+    def untrack(self, request_id: str) -> None:
+        """Stop serving a request that left the engine without ending (moved to another
+        engine): it gets no final output here. Engine thread only."""
+        with self._lock:
+            sub = self._requests.get(request_id)
+            if sub is not None and sub.stage is _Stage.IN_ENGINE:
+                del self._requests[request_id]
 
     @property
     def num_queued(self) -> int:
@@ -273,10 +305,20 @@ class EngineLoop:
                 self._admit(item)  # type: ignore[arg-type]
             elif kind == "cancel":
                 self._abort(item)  # type: ignore[arg-type]
+            elif kind == "call":
+                self._call(*item)  # type: ignore[misc]
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _call(self, fn: Callable[[LLMEngine], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except BaseException as exc:  # the caller's to handle
+            future.set_exception(exc)
 
     def _mark_failed(self, reason: str) -> None:
         logger.error("the engine failed (%s): the model is unhealthy", reason)

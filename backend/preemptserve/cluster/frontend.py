@@ -1,0 +1,433 @@
+"""Many engine instances behind one model: the frontend and global scheduler (Llumnix's
+manager and API server in one), with ``EngineLoop``'s interface so the Triton adapter
+serves a cluster exactly as it serves one engine.
+
+* **Dispatch**: each new request goes to the instance the ``Dispatcher`` chooses
+  (``core/global_scheduler.py``: round robin, queue-blind balance, or Llumnix's
+  freeness) from the instances' load reports.
+* **Outputs**: one thread per instance long-polls it (``poll``: outputs since the last
+  poll, its load and statistics, its finished moves). A request's outputs may come from
+  two instances around a move, and the two polls race: outputs are delivered strictly
+  in token order, each once (an output numbered ``n`` waits for ``n - 1``; a number
+  seen already is dropped), as Llumnix's frontend does. A cancellation or an error
+  ends a request at once. One sender thread runs the response callbacks, in order per
+  request, and polls cancellation, as ``EngineLoop`` does.
+* **Cancellation** goes to the request's owner, and to both instances while it moves.
+  An output of a request that has ended here (cancelled while moving, or failed) makes
+  the frontend cancel it on that instance.
+* **Migration**: every polling interval the frontend pairs overloaded instances with
+  free ones (``pair_migrations``, one move per instance at a time); the source picks
+  its request (``SR``) and drives the move; the result comes back in its report, and a
+  committed move makes the destination the owner.
+* **Failures**: an instance whose poll fails is dead: its requests end with an error
+  response, it gets no new ones, the others serve on. With none left the model fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+from ..config import ClusterConfig
+from ..core.global_scheduler import Dispatcher, NoInstanceError, pair_migrations
+from ..core.request import SamplingParams
+from ..core.scheduler.load import InstanceLoad
+from ..engine.llm_engine import EngineStats, RequestOutput
+from ..serving.engine_loop import OutputCallback, QueueFullError
+from .instance import InstanceReport
+from .migration import MigrationConfig, MigrationResult, MigrationStatus
+
+logger = logging.getLogger(__name__)
+
+# Downtime histogram buckets (seconds), for the metrics.
+DOWNTIME_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
+
+
+class Instances(Protocol):
+    """The frontend's view of the instances (``RayCluster``, or in-process ones)."""
+
+    num_instances: int
+
+    def add_request(self, instance: int, request_id: str, prompt: str,
+                    sampling: SamplingParams, **kwargs) -> None: ...
+
+    def abort(self, instance: int, request_id: str) -> None: ...
+
+    def poll(self, instance: int, max_wait_s: float) -> InstanceReport: ...
+
+    def pick_request(self, instance: int, policy: str) -> str | None: ...
+
+    def migrate_out(self, source: int, destination: int, request_id: str,
+                    config: MigrationConfig) -> None: ...
+
+
+@dataclass(eq=False)
+class _Routed:
+    request_id: str
+    on_output: OutputCallback
+    is_cancelled: Callable[[], bool] | None
+    owner: int
+    moving_to: int | None = None
+    delivered: int = 0  # output tokens delivered
+    held: dict[int, RequestOutput] = field(default_factory=dict)  # ahead of their turn
+    ended: bool = False  # final output queued for the sender
+    cancelled: bool = False
+    polling: bool = False  # sender thread: is_cancelled() still asked
+
+    def __post_init__(self) -> None:
+        self.polling = self.is_cancelled is not None
+
+
+@dataclass
+class ClusterStats:
+    """Cluster metrics: instances, their freeness, and the moves so far."""
+
+    num_instances: int = 0
+    num_alive: int = 0
+    freeness: dict[int, float] = field(default_factory=dict)  # migration freeness
+    migrations_started: int = 0
+    migrations_ended: Counter = field(default_factory=Counter)  # (status, reason) -> n
+    migration_bytes: int = 0
+    downtime_counts: list[int] = field(default_factory=lambda: [0] * len(DOWNTIME_BUCKETS_S))
+    downtime_sum_s: float = 0.0
+
+
+class ClusterFrontend:
+    def __init__(self, instances: Instances, config: ClusterConfig, *,
+                 prompt_blocks: Callable[[str], int] = lambda prompt: 0,
+                 cancellation_check_period_s: float = 0.05,
+                 on_stats: Callable[[EngineStats], None] | None = None,
+                 on_failure: Callable[[str], None] | None = None,
+                 max_queue_size: int = 0) -> None:
+        """``prompt_blocks(prompt)``: KV blocks a prompt needs (for dispatch freeness).
+        ``max_queue_size``: most requests without a first token yet before ``submit``
+        refuses new ones (0: unbounded)."""
+        self.instances = instances
+        self.config = config
+        self._n = instances.num_instances
+        self._prompt_blocks = prompt_blocks
+        self._dispatcher = Dispatcher(config.dispatch_policy, self._n)
+        self._migration = MigrationConfig(config.migration_max_stages,
+                                          config.migration_last_stage_max_blocks)
+        self._interval_s = config.polling_interval_ms / 1000
+        self._cancel_period_s = cancellation_check_period_s
+        self._on_stats = on_stats
+        self._on_failure = on_failure
+        self._max_queue_size = max_queue_size
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Routed] = {}
+        self._num_waiting_first = 0  # requests without their first output yet
+        self._waiting_first: set[str] = set()
+        self._num_rejected = 0
+        self._alive = [True] * self._n
+        self._loads: dict[int, InstanceLoad] = {}
+        self._stats: dict[int, EngineStats] = {}
+        self._moving: dict[str, tuple[int, int]] = {}  # request -> (source, destination)
+        self.stats = ClusterStats(num_instances=self._n, num_alive=self._n)
+        self._failure: str | None = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._poll_instance, args=(i,),
+                                          name=f"poll-instance-{i}", daemon=True)
+                         for i in range(self._n)]
+        self._threads.append(threading.Thread(target=self._send, name="response-sender",
+                                              daemon=True))
+        if config.enable_migration:
+            self._threads.append(threading.Thread(target=self._pair, name="migration-pairing",
+                                                  daemon=True))
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    # -- EngineLoop's interface ---------------------------------------------------------------
+
+    def submit(self, prompt: str, sampling: SamplingParams, on_output: OutputCallback,
+               is_cancelled: Callable[[], bool] | None = None, *,
+               ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
+               echo_prompt: bool = False, stream: bool = True) -> str:
+        request_id = uuid.uuid4().hex
+        blocks = self._prompt_blocks(prompt)
+        with self._lock:
+            if self._failure is not None:
+                self._outbox.put((_Routed(request_id, on_output, None, -1, ended=True),
+                                  _final(request_id, "error"),
+                                  f"the model is unhealthy: {self._failure}"))
+                return request_id
+            if self._max_queue_size and len(self._waiting_first) >= self._max_queue_size:
+                self._num_rejected += 1
+                raise QueueFullError(self._max_queue_size)
+            try:
+                instance = self._dispatcher.choose(blocks)
+            except NoInstanceError as exc:
+                self._outbox.put((_Routed(request_id, on_output, None, -1, ended=True),
+                                  _final(request_id, "error"), str(exc)))
+                return request_id
+            self._requests[request_id] = _Routed(request_id, on_output, is_cancelled, instance)
+            self._waiting_first.add(request_id)
+        self.instances.add_request(instance, request_id, prompt, sampling,
+                                   ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s,
+                                   echo_prompt=echo_prompt, stream=stream)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            routed = self._requests.get(request_id)
+            if routed is None or routed.ended:
+                return
+            routed.cancelled = True
+            targets = {routed.owner} | ({routed.moving_to} - {None})
+        for instance in targets:
+            self._abort_on(instance, request_id)
+
+    @property
+    def num_queued(self) -> int:
+        with self._lock:
+            return len(self._waiting_first)
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    @property
+    def num_rejected_total(self) -> int:
+        return self._num_rejected
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    def migrate(self, request_id: str, destination: int) -> bool:
+        """Start moving a request to ``destination`` now (operators, tests); False if it
+        is not served, or moving already, or the destination is its owner or dead."""
+        with self._lock:
+            routed = self._requests.get(request_id)
+            if (routed is None or routed.ended or routed.moving_to is not None
+                    or routed.owner == destination or not self._alive[destination]):
+                return False
+            source = routed.owner
+            self._start_move(request_id, source, destination)
+        self.instances.migrate_out(source, destination, request_id, self._migration)
+        return True
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the frontend's threads; requests in flight end with an error."""
+        self._stop.set()
+        with self._lock:
+            if self._failure is None:
+                self._failure = "the model is shutting down"
+            pending = [r for r in self._requests.values() if not r.ended]
+            for routed in pending:
+                routed.ended = True
+                self._outbox.put((routed, _final(routed.request_id, "error"),
+                                  "the model is shutting down"))
+        self._outbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def _poll_instance(self, instance: int) -> None:
+        while not self._stop.is_set():
+            try:
+                report = self.instances.poll(instance, self._interval_s)
+            except Exception as exc:
+                if not self._stop.is_set():
+                    self._instance_died(instance, str(exc))
+                return
+            self._on_report(report)
+
+    def _on_report(self, report: InstanceReport) -> None:
+        i = report.instance_id
+        aborts: list[tuple[int, str]] = []
+        with self._lock:
+            self._loads[i] = report.load
+            self._stats[i] = report.stats
+            self.stats.freeness[i] = report.load.migration_freeness
+            if self._alive[i]:
+                self._dispatcher.update(i, report.load)
+                if report.failure is not None:  # its requests got errors from it
+                    self._alive[i] = False
+                    self._dispatcher.set_alive(i, False)
+            for output, error in report.outputs:
+                aborts.extend(self._route(i, output, error))
+            for request_id, result in report.migrations:
+                aborts.extend(self._end_move(request_id, result))
+            self.stats.num_alive = sum(self._alive)
+            stats = self._aggregate()
+        for instance, request_id in aborts:
+            self._abort_on(instance, request_id)
+        if self._on_stats is not None:
+            self._on_stats(stats)
+
+    def _route(self, instance: int, output: RequestOutput,
+               error: str | None) -> list[tuple[int, str]]:
+        """Deliver one output in order, once (under the lock); returns aborts to send."""
+        routed = self._requests.get(output.request_id)
+        if routed is None or routed.ended:
+            return [] if output.finished else [(instance, output.request_id)]
+        self._waiting_first.discard(output.request_id)
+        if error is not None or output.finish_reason == "abort":
+            self._end(routed, output, error)
+            return []
+        number = output.num_output_tokens
+        if number <= routed.delivered:
+            return []  # seen already
+        routed.held[number] = output
+        while (ready := routed.held.pop(routed.delivered + 1, None)) is not None:
+            routed.delivered += 1
+            if ready.finished:
+                self._end(routed, ready, None)
+                return []
+            self._outbox.put((routed, ready, None))
+        return []
+
+    def _end(self, routed: _Routed, output: RequestOutput, error: str | None) -> None:
+        routed.ended = True
+        routed.held.clear()
+        self._waiting_first.discard(routed.request_id)
+        self._outbox.put((routed, output, error))
+
+    def _aggregate(self) -> EngineStats:
+        total = EngineStats()
+        for stats in self._stats.values():
+            for f in fields(EngineStats):
+                value = getattr(stats, f.name)
+                if isinstance(value, (int, float)) and f.name != "last_step_s":
+                    setattr(total, f.name, getattr(total, f.name) + value)
+        return total
+
+    def _instance_died(self, instance: int, reason: str) -> None:
+        logger.error("engine instance %d failed: %s", instance, reason)
+        with self._lock:
+            self._alive[instance] = False
+            self._dispatcher.set_alive(instance, False)
+            self.stats.num_alive = sum(self._alive)
+            self._stats.pop(instance, None)
+            self._loads.pop(instance, None)
+            for routed in list(self._requests.values()):
+                if routed.ended:
+                    continue
+                if routed.owner == instance:
+                    self._end(routed, _final(routed.request_id, "error"),
+                              f"engine instance {instance} failed; the request was lost")
+                elif routed.moving_to == instance:
+                    routed.moving_to = None  # the move aborts on the source's side
+            if not any(self._alive):
+                self._failure = f"every engine instance failed (the last: {reason})"
+        if self._failure is not None and self._on_failure is not None:
+            self._on_failure(self._failure)
+
+    # -- migration -----------------------------------------------------------------------------
+
+    def _pair(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            with self._lock:
+                busy = {i for pair in self._moving.values() for i in pair}
+                loads = {i: load for i, load in self._loads.items() if self._alive[i]}
+            for source, destination in pair_migrations(loads, self.config.migrate_out_threshold,
+                                                       busy):
+                try:
+                    request_id = self.instances.pick_request(
+                        source, self.config.migration_request_policy)
+                except Exception:
+                    logger.exception("instance %d could not pick a request to move", source)
+                    continue
+                if request_id is None:
+                    continue
+                with self._lock:
+                    routed = self._requests.get(request_id)
+                    if routed is None or routed.ended or routed.moving_to is not None:
+                        continue
+                    self._start_move(request_id, source, destination)
+                self.instances.migrate_out(source, destination, request_id, self._migration)
+
+    def _start_move(self, request_id: str, source: int, destination: int) -> None:
+        self._requests[request_id].moving_to = destination
+        self._moving[request_id] = (source, destination)
+        self.stats.migrations_started += 1
+
+    def _end_move(self, request_id: str, result: MigrationResult) -> list[tuple[int, str]]:
+        """A move ended (under the lock): count it, and hand the request to its new owner."""
+        source, destination = self._moving.pop(request_id, (None, None))
+        self.stats.migrations_ended[(result.status.value, _reason_kind(result.reason))] += 1
+        self.stats.migration_bytes += result.num_bytes
+        routed = self._requests.get(request_id)
+        if routed is not None:
+            routed.moving_to = None
+        if result.status is not MigrationStatus.COMMITTED:
+            return []
+        bucket = next(k for k, edge in enumerate(DOWNTIME_BUCKETS_S) if result.downtime_s <= edge)
+        self.stats.downtime_counts[bucket] += 1
+        self.stats.downtime_sum_s += result.downtime_s
+        if routed is None or destination is None:
+            return []
+        routed.owner = destination
+        return [(destination, request_id)] if routed.ended or routed.cancelled else []
+
+    def _abort_on(self, instance: int, request_id: str) -> None:
+        try:
+            self.instances.abort(instance, request_id)
+        except Exception:
+            logger.warning("could not cancel %s on instance %d", request_id, instance)
+
+    # -- the sender thread ---------------------------------------------------------------------
+
+    def _send(self) -> None:
+        next_check = time.monotonic() + self._cancel_period_s
+        while True:
+            try:
+                item = self._outbox.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                self._send_one(*item)
+            if time.monotonic() >= next_check:
+                self._check_cancelled()
+                next_check = time.monotonic() + self._cancel_period_s
+
+    def _send_one(self, routed: _Routed, output: RequestOutput, error: str | None) -> None:
+        if output.finished:
+            with self._lock:
+                self._requests.pop(routed.request_id, None)
+        try:
+            routed.on_output(output, error)
+        except Exception:
+            logger.exception("response callback failed for request %s", routed.request_id)
+            if not output.finished:
+                routed.polling = False
+                self.cancel(routed.request_id)
+
+    def _check_cancelled(self) -> None:
+        with self._lock:
+            polled = [r for r in self._requests.values() if r.polling and not r.ended]
+        for routed in polled:
+            try:
+                cancelled = routed.is_cancelled()  # type: ignore[misc]
+            except Exception:
+                routed.polling = False
+                continue
+            if cancelled:
+                routed.polling = False
+                self.cancel(routed.request_id)
+
+
+def _reason_kind(reason: str) -> str:
+    """A short label of an abort reason, for metrics (no request ids in labels)."""
+    return reason.split(":")[0][:60] if reason else ""
+
+
+def _final(request_id: str, reason: str) -> RequestOutput:
+    return RequestOutput(request_id=request_id, text="", token_ids=[], finished=True,
+                         finish_reason=reason)
