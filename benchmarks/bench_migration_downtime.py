@@ -157,7 +157,7 @@ def run_moved(method: str, source: LLMEngine, destination: LLMEngine, rid: str,
             raise RuntimeError(f"{method} at {len(prompt)} prompt tokens: {result}")
         until_token(destination, rid, tokens)
         stats |= {"downtime_s": result.downtime_s, "stages": result.num_stages,
-                  "blocks": result.num_blocks, "precopy_s": precopy_s,
+                  "blocks": result.num_blocks, "bytes": result.num_bytes, "precopy_s": precopy_s,
                   "next_token_s": time.perf_counter() - called}
     finish(source, destination, rid, tokens)
     return tokens[rid], stats
