@@ -115,6 +115,16 @@ class EngineInstance:
                 "block_size": self.engine.block_manager.block_size,
                 "policy": self.engine.scheduler.policy_name}
 
+    def block_usage(self) -> dict[str, int]:
+        """Blocks in use now, by tier, and those reserved for moves coming in."""
+        def usage(engine: LLMEngine) -> dict[str, int]:
+            bm = engine.block_manager
+            return {"device": bm.num_used_blocks, "host": bm.num_used_host_blocks,
+                    "requests": len(engine.scheduler.requests),
+                    "detached": len(engine.scheduler.detached)}
+
+        return self._on_engine(usage)
+
     # -- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str, sampling: SamplingParams, *,

@@ -266,7 +266,8 @@ class EngineLoop:
         last_stats = time.monotonic()
         stats_dirty = True
         while not self._stop.is_set():
-            self._drain_inbox(block=not self.engine.has_unfinished_requests())
+            if self._drain_inbox(block=not self.engine.has_unfinished_requests()):
+                stats_dirty = True  # a cancel or a call may have freed or taken blocks
             if self._failure is None and self.engine.failure is not None:
                 self._mark_failed(self.engine.failure)  # e.g. a rank died while idle
             now = time.monotonic()
@@ -294,12 +295,13 @@ class EngineLoop:
                 last_stats, stats_dirty = now, not idle
             self._publish_queued()
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool) -> bool:
+        """Take in everything waiting in the inbox; False if there was nothing."""
         try:
             kind, item = self._inbox.get(timeout=self._stats_period_s) if block \
                 else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             if kind == "submit":
                 self._admit(item)  # type: ignore[arg-type]
@@ -310,7 +312,7 @@ class EngineLoop:
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _call(self, fn: Callable[[LLMEngine], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():

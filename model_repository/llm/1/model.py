@@ -7,6 +7,7 @@ and calls back here to send responses through each request's response sender.
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 import preemptserve
+from preemptserve.cluster.frontend import DOWNTIME_BUCKETS_S
 from preemptserve.config import serving_config_from_parameters
 from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from preemptserve.serving.engine_loop import EngineLoop, QueueFullError
@@ -40,6 +42,10 @@ class TritonPythonModel:
         }
         self.config = serving_config_from_parameters(parameters)
         self.model_name = args["model_name"]
+        self.cluster = None
+        if self.config.cluster.num_instances > 1:
+            self._start_cluster()
+            return
         engine = LLMEngine(self.config.engine)
         self.metrics = _Metrics(self.model_name, engine.get_stats())
         self.loop = EngineLoop(
@@ -59,6 +65,44 @@ class TritonPythonModel:
             f"{torch.get_num_threads()} torch threads, "
             f"max_queue_size {self.config.max_queue_size or 'unbounded'}"
         )
+
+    def _start_cluster(self) -> None:
+        """Many engine instances (Ray actors) behind this model: ``cluster/``. Ray starts
+        here, in the stub's main thread, as it must."""
+        from preemptserve.cluster.frontend import ClusterFrontend
+        from preemptserve.cluster.ray_cluster import RayCluster
+        from preemptserve.engine.llm_engine import resolve_model_dir
+        from preemptserve.engine.tokenizer import TextTokenizer
+
+        config = self.config
+        self.cluster = RayCluster(config.cluster, config.engine, name=self.model_name)
+        tokenizer = TextTokenizer(resolve_model_dir(config.engine.model_dir))
+        block_size = config.engine.cache.block_size
+
+        def prompt_blocks(prompt: str) -> int:
+            return -(-(len(tokenizer.encode(prompt)) + 1) // block_size)
+
+        stats = EngineStats(num_blocks_total=sum(i["num_blocks"] for i in self.cluster.infos))
+        self.metrics = _Metrics(self.model_name, stats)
+        self.cluster_metrics = _ClusterMetrics(self.model_name)
+        self.loop = ClusterFrontend(
+            self.cluster, config.cluster, prompt_blocks=prompt_blocks,
+            cancellation_check_period_s=config.cancellation_check_period_ms / 1000,
+            on_stats=self._on_cluster_stats, on_failure=self._on_engine_failure,
+            max_queue_size=config.max_queue_size,
+        )
+        self.loop.start()
+        instances = ", ".join(f"{i['instance_id']}: pid {i['pid']} on {i['device']}, "
+                              f"{i['num_blocks']} KV blocks" for i in self.cluster.infos)
+        self.logger.log_info(
+            f"preemptserve ({preemptserve.__path__[0]}): model {config.engine.model_dir}, "
+            f"{self.cluster.num_instances} engine instances ({instances}), "
+            f"policy {config.engine.scheduler.policy}, dispatch {config.cluster.dispatch_policy}"
+            f", migration {'on' if config.cluster.enable_migration else 'off'}")
+
+    def _on_cluster_stats(self, stats: EngineStats) -> None:
+        self.metrics.update(stats)
+        self.cluster_metrics.update(self.loop.stats)
 
     def _on_engine_failure(self, reason: str) -> None:
         """The engine cannot serve any more (a rank died): say so, and leave if allowed.
@@ -116,6 +160,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
 
 
 def _request_parameters(request) -> dict:
@@ -151,6 +197,78 @@ class _Responder:
 def _text_response(text: str):
     tensor = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
     return pb_utils.InferenceResponse(output_tensors=[tensor])
+
+
+class _ClusterMetrics:
+    """Metrics of a model with many engine instances: instances, their freeness, moves."""
+
+    def __init__(self, model_name: str) -> None:
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self._labels = {"model": model_name}
+        instances = pb_utils.MetricFamily(
+            name="preemptserve_instances", description="Engine instances by state",
+            kind=gauge)
+        self._freeness = pb_utils.MetricFamily(
+            name="preemptserve_instance_freeness",
+            description="Migration freeness of each instance (free decode steps per "
+                        "request; Llumnix's load)", kind=gauge)
+        self._migrations = pb_utils.MetricFamily(
+            name="preemptserve_migrations_total",
+            description="Live request migrations; status=started, committed, aborted_src "
+                        "or aborted_dst (reason: why)", kind=counter)
+        migration_bytes = pb_utils.MetricFamily(
+            name="preemptserve_migration_bytes_total",
+            description="KV bytes copied by migrations", kind=counter)
+        self._downtime = pb_utils.MetricFamily(
+            name="preemptserve_migration_downtime_seconds",
+            description="Time a migrated request stood still (stop on the source to "
+                        "import on the destination)", kind=pb_utils.MetricFamily.HISTOGRAM)
+        self.alive = instances.Metric(labels={**self._labels, "state": "alive"})
+        self.total = instances.Metric(labels={**self._labels, "state": "total"})
+        self.bytes = migration_bytes.Metric(labels=self._labels)
+        self._started = self._migrations.Metric(labels={**self._labels, "status": "started",
+                                                        "reason": ""})
+        self._histogram = self._downtime.Metric(labels=self._labels,
+                                                buckets=list(DOWNTIME_BUCKETS_S[:-1]))
+        self._families = (instances, self._freeness, self._migrations, migration_bytes,
+                          self._downtime)
+        self._by_instance: dict[int, object] = {}
+        self._ended: dict[tuple[str, str], object] = {}
+        self._last = {"started": 0, "bytes": 0, "ended": {}, "downtimes": 0}
+        self._lock = threading.Lock()
+
+    def update(self, stats) -> None:
+        with self._lock:
+            self._update(stats)
+
+    def _update(self, stats) -> None:
+        self.alive.set(stats.num_alive)
+        self.total.set(stats.num_instances)
+        for instance, freeness in stats.freeness.items():
+            metric = self._by_instance.get(instance)
+            if metric is None:
+                metric = self._by_instance[instance] = self._freeness.Metric(
+                    labels={**self._labels, "instance": str(instance)})
+            metric.set(freeness if math.isfinite(freeness) else 1e9)
+        if stats.migrations_started > self._last["started"]:
+            self._started.increment(stats.migrations_started - self._last["started"])
+            self._last["started"] = stats.migrations_started
+        if stats.migration_bytes > self._last["bytes"]:
+            self.bytes.increment(stats.migration_bytes - self._last["bytes"])
+            self._last["bytes"] = stats.migration_bytes
+        for key, count in list(stats.migrations_ended.items()):
+            seen = self._last["ended"].get(key, 0)
+            if count > seen:
+                metric = self._ended.get(key)
+                if metric is None:
+                    metric = self._ended[key] = self._migrations.Metric(
+                        labels={**self._labels, "status": key[0], "reason": key[1]})
+                metric.increment(count - seen)
+                self._last["ended"][key] = count
+        new = min(stats.num_downtimes - self._last["downtimes"], len(stats.recent_downtimes_s))
+        for downtime in list(stats.recent_downtimes_s)[len(stats.recent_downtimes_s) - new:]:
+            self._histogram.observe(downtime)
+        self._last["downtimes"] = stats.num_downtimes
 
 
 class _Metrics:
