@@ -1,0 +1,146 @@
+"""Two engine instances behind one Triton model: round robin vs freeness dispatch vs
+freeness dispatch + live migration (Llumnix's three setups: RR, INFaaS++, Llumnix), on
+one bursty workload through a real tritonserver per setup.
+
+Each setup serves the same requests (same arrivals, lengths and prompts) with the same
+local policy in both instances; the table gives P99 TTFT and P99 JCT (and means), the
+migrations the server counted, and, for round robin, the simulator's prediction: the
+workload split the same way, each half simulated on this machine's fitted cost model
+(one instance per core). Freeness dispatch and migration need the cluster simulator of
+the next issue: their prediction cells say so.
+
+    .venv/bin/python benchmarks/bench_cluster_serving.py \\
+        --out benchmarks/results/cluster-serving-2026-11-30
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import machine_info, print_table
+
+from preemptserve.bench.commands import run_on_server
+from preemptserve.bench.metrics import summarize
+from preemptserve.bench.server import policy_server, served_parameters
+from preemptserve.bench.workload import Workload, synthetic
+from preemptserve.sim.cost_model import load_profile
+from preemptserve.sim.simulator import SimConfig, Simulator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETUPS = {
+    "round_robin": {"dispatch_policy": "round_robin", "enable_migration": "false"},
+    "freeness": {"dispatch_policy": "load", "enable_migration": "false"},
+    "freeness+migration": {"dispatch_policy": "load", "enable_migration": "true"},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="sharegpt")
+    parser.add_argument("--num-requests", type=int, default=120)
+    parser.add_argument("--rate", type=float, default=3.0, help="requests/s")
+    parser.add_argument("--cv", type=float, default=3.0, help="gap CV (Gamma arrivals)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--length-scale", type=float, default=0.2)
+    parser.add_argument("--max-context", type=int, default=1024)
+    parser.add_argument("--policy", default="fcfs", help="the local policy of each instance")
+    parser.add_argument("--param", action="append", default=[],
+                        help="KEY=VALUE config.pbtxt parameter for every setup")
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--profile", type=Path,
+                        default=RESULTS / "profile-cpu-served-2026-11-22.json",
+                        help="cost model for the round-robin prediction")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, required=True, help="path without extension")
+    args = parser.parse_args()
+    args.no_progress = True
+    return args
+
+
+def prompts_for(workload: Workload) -> list[str]:
+    from preemptserve.bench.prompts import PromptBuilder
+
+    return PromptBuilder().prompts([r.input_tokens for r in workload.requests], seed=0)
+
+
+def predict_round_robin(args, parameters: dict[str, str], workload: Workload) -> dict | None:
+    """The single-instance simulator on each half of a round-robin split, merged."""
+    try:
+        cost_model = load_profile(str(args.profile.resolve()))
+    except (OSError, ValueError) as exc:
+        print(f"no prediction: {exc}", file=sys.stderr)
+        return None
+    config = SimConfig.from_parameters(parameters, cost_model, False)
+    timelines = []
+    for half in (0, 1):
+        part = dataclasses.replace(workload, requests=tuple(
+            dataclasses.replace(r, index=i) for i, r in enumerate(workload.requests[half::2])))
+        timelines += Simulator(config, cost_model, part, None).run().timelines()
+    return summarize(timelines)
+
+
+def main() -> int:
+    args = parse_args()
+    workload = synthetic(args.workload, args.num_requests, args.rate, args.cv, args.seed,
+                         args.length_scale, args.max_context)
+    prompts = prompts_for(workload)
+    base = {**served_parameters(), "scheduler_policy": args.policy, "num_instances": "2",
+            "cpus_per_instance": "1",
+            "kv_cache_bytes": str(32 * 2**20), "kv_cache_host_memory_bytes": str(128 * 2**20)}
+    base.update(dict(p.split("=", 1) for p in args.param))
+    started = dt.datetime.now(dt.timezone.utc)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    runs: dict[str, dict] = {}
+    try:
+        for name in args.setups:
+            parameters = {**base, **SETUPS[name],
+                          "ray_temp_dir": tempfile.mkdtemp(prefix="psray", dir="/tmp")}
+            with policy_server(parameters, workdir, name, torch_threads=1) as server:
+                _, entry = run_on_server(args, server, workload, prompts, args.policy, None,
+                                         name)
+            shutil.rmtree(parameters["ray_temp_dir"], ignore_errors=True)
+            runs[name] = entry
+            print(f"{name}: done", file=sys.stderr)
+        prediction = predict_round_robin(args, {**base, **SETUPS["round_robin"]}, workload)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    headers = ["setup", "P99 TTFT s", "mean TTFT s", "P99 JCT s", "mean JCT s",
+               "migrations committed", "aborted", "sim P99 TTFT s", "sim P99 JCT s"]
+    rows = []
+    for name, entry in runs.items():
+        s, counters = entry["summary"], entry["counters"]
+        done = sum(v for k, v in counters.items()
+                   if k.startswith("migrations_total") and "committed" in k)
+        aborted = sum(v for k, v in counters.items()
+                      if k.startswith("migrations_total") and "aborted" in k)
+        sim = prediction if name == "round_robin" else None
+        rows.append([name, f"{s['ttft_s']['p99']:.2f}", f"{s['ttft_s']['mean']:.2f}",
+                     f"{s['jct_s']['p99']:.2f}", f"{s['jct_s']['mean']:.2f}",
+                     f"{done:.0f}", f"{aborted:.0f}",
+                     f"{sim['ttft_s']['p99']:.2f}" if sim else "needs cluster sim",
+                     f"{sim['jct_s']['p99']:.2f}" if sim else "needs cluster sim"])
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    print_table(f"2 instances, {args.policy} inside; {args.workload} x{args.num_requests} at "
+                f"{args.rate:g}/s, Gamma CV {args.cv:g}, length scale {args.length_scale:g}",
+                headers, rows, "markdown")
+    result = {"kind": "cluster-serving", "command": command, "date": started.isoformat(),
+              "wall_s": time.time() - started.timestamp(), "machine": machine_info(),
+              "workload": workload.describe(), "parameters": base, "runs": runs,
+              "round_robin_prediction": prediction, "table": {"headers": headers, "rows": rows}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"written: {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
