@@ -322,6 +322,9 @@ class ClusterFrontend:
                               f"engine instance {instance} failed; the request was lost")
                 elif routed.moving_to == instance:
                     routed.moving_to = None  # the move aborts on the source's side
+            for request_id, (source, _) in list(self._moving.items()):
+                if source == instance:  # its result never comes: its destination is free
+                    del self._moving[request_id]
             if not any(self._alive):
                 self._failure = f"every engine instance failed (the last: {reason})"
         if self._failure is not None and self._on_failure is not None:
@@ -372,6 +375,9 @@ class ClusterFrontend:
         if routed is None or destination is None:
             return []
         routed.owner = destination
+        if not self._alive[destination] and not routed.ended:  # it died before this report
+            self._end(routed, _final(request_id, "error"),
+                      f"engine instance {destination} failed; the request was lost")
         return [(destination, request_id)] if routed.ended or routed.cancelled else []
 
     def _abort_on(self, instance: int, request_id: str) -> None:
