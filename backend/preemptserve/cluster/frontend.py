@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Protocol
@@ -98,6 +98,8 @@ class ClusterStats:
     migration_bytes: int = 0
     downtime_counts: list[int] = field(default_factory=lambda: [0] * len(DOWNTIME_BUCKETS_S))
     downtime_sum_s: float = 0.0
+    num_downtimes: int = 0  # committed moves so far
+    recent_downtimes_s: deque = field(default_factory=lambda: deque(maxlen=1024))
 
 
 class ClusterFrontend:
@@ -120,6 +122,8 @@ class ClusterFrontend:
         self._interval_s = config.polling_interval_ms / 1000
         self._cancel_period_s = cancellation_check_period_s
         self._on_stats = on_stats
+        self._stats_lock = threading.Lock()
+        self._last_published = 0.0
         self._on_failure = on_failure
         self._max_queue_size = max_queue_size
         self._lock = threading.Lock()
@@ -206,9 +210,11 @@ class ClusterFrontend:
     def failure(self) -> str | None:
         return self._failure
 
-    def migrate(self, request_id: str, destination: int) -> bool:
-        """Start moving a request to ``destination`` now (operators, tests); False if it
-        is not served, or moving already, or the destination is its owner or dead."""
+    def migrate(self, request_id: str, destination: int,
+                config: MigrationConfig | None = None) -> bool:
+        """Start moving a request to ``destination`` now (operators, tests, benchmarks),
+        in stages as ``config`` says (default: the cluster's); False if it is not served,
+        or moving already, or the destination is its owner or dead."""
         with self._lock:
             routed = self._requests.get(request_id)
             if (routed is None or routed.ended or routed.moving_to is not None
@@ -216,7 +222,8 @@ class ClusterFrontend:
                 return False
             source = routed.owner
             self._start_move(request_id, source, destination)
-        self.instances.migrate_out(source, destination, request_id, self._migration)
+        self.instances.migrate_out(source, destination, request_id,
+                                   config or self._migration)
         return True
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -266,8 +273,21 @@ class ClusterFrontend:
             stats = self._aggregate()
         for instance, request_id in aborts:
             self._abort_on(instance, request_id)
-        if self._on_stats is not None:
-            self._on_stats(stats)
+        self._publish(stats)
+
+    def _publish(self, stats: EngineStats) -> None:
+        """``on_stats`` at most every polling interval, one thread at a time."""
+        if self._on_stats is None or not self._stats_lock.acquire(blocking=False):
+            return
+        try:
+            now = time.monotonic()
+            if now - self._last_published >= self._interval_s:
+                self._last_published = now
+                self._on_stats(stats)
+        except Exception:
+            logger.exception("publishing statistics failed")
+        finally:
+            self._stats_lock.release()
 
     def _route(self, instance: int, output: RequestOutput,
                error: str | None) -> list[tuple[int, str]]:
@@ -372,6 +392,8 @@ class ClusterFrontend:
         bucket = next(k for k, edge in enumerate(DOWNTIME_BUCKETS_S) if result.downtime_s <= edge)
         self.stats.downtime_counts[bucket] += 1
         self.stats.downtime_sum_s += result.downtime_s
+        self.stats.num_downtimes += 1
+        self.stats.recent_downtimes_s.append(result.downtime_s)
         if routed is None or destination is None:
             return []
         routed.owner = destination
