@@ -94,13 +94,13 @@ def stream_text(server: TritonServer, prompt: str, max_tokens: int, **sampling) 
                                    exclude_input_in_output=True, **sampling))
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "random_seed": 7}],
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_k": 40, "random_seed": 7}],
                          ids=["greedy", "seeded"])
 def test_grpc_streams_survive_migrations(cluster_server, sampling):
     before = committed(cluster_server)
     params = SamplingParams(max_tokens=120, min_length=120,
                             temperature=sampling.get("temperature", 0.0),
-                            seed=sampling.get("random_seed"))
+                            top_k=sampling.get("top_k", 0), seed=sampling.get("random_seed"))
     expected = reference(PROMPT, params)
     got = stream_text(cluster_server, PROMPT, 120, min_length=120, **sampling)
     assert got == expected
