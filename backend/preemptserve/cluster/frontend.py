@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 import uuid
@@ -42,6 +41,7 @@ from ..core.request import SamplingParams
 from ..core.scheduler.load import InstanceLoad
 from ..engine.llm_engine import EngineStats, RequestOutput
 from ..serving.engine_loop import OutputCallback, QueueFullError
+from ..serving.sender import ResponseSender
 from .instance import InstanceReport
 from .migration import MigrationConfig, MigrationResult, MigrationStatus
 
@@ -120,7 +120,6 @@ class ClusterFrontend:
         self._migration = MigrationConfig(config.migration_max_stages,
                                           config.migration_last_stage_max_blocks)
         self._interval_s = config.polling_interval_ms / 1000
-        self._cancel_period_s = cancellation_check_period_s
         self._on_stats = on_stats
         self._stats_lock = threading.Lock()
         self._last_published = 0.0
@@ -137,18 +136,18 @@ class ClusterFrontend:
         self._moving: dict[str, tuple[int, int]] = {}  # request -> (source, destination)
         self.stats = ClusterStats(num_instances=self._n, num_alive=self._n)
         self._failure: str | None = None
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = ResponseSender(cancellation_check_period_s, self._pollable,
+                                      self._forget, self.cancel)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._poll_instance, args=(i,),
                                           name=f"poll-instance-{i}", daemon=True)
                          for i in range(self._n)]
-        self._threads.append(threading.Thread(target=self._send, name="response-sender",
-                                              daemon=True))
         if config.enable_migration:
             self._threads.append(threading.Thread(target=self._pair, name="migration-pairing",
                                                   daemon=True))
 
     def start(self) -> None:
+        self._sender.start()
         for thread in self._threads:
             thread.start()
 
@@ -162,9 +161,9 @@ class ClusterFrontend:
         blocks = self._prompt_blocks(prompt)
         with self._lock:
             if self._failure is not None:
-                self._outbox.put((_Routed(request_id, on_output, None, -1, ended=True),
+                self._sender.put(_Routed(request_id, on_output, None, -1, ended=True),
                                   _final(request_id, "error"),
-                                  f"the model is unhealthy: {self._failure}"))
+                                  f"the model is unhealthy: {self._failure}")
                 return request_id
             if self._max_queue_size and len(self._waiting_first) >= self._max_queue_size:
                 self._num_rejected += 1
@@ -172,8 +171,8 @@ class ClusterFrontend:
             try:
                 instance = self._dispatcher.choose(blocks)
             except NoInstanceError as exc:
-                self._outbox.put((_Routed(request_id, on_output, None, -1, ended=True),
-                                  _final(request_id, "error"), str(exc)))
+                self._sender.put(_Routed(request_id, on_output, None, -1, ended=True),
+                                  _final(request_id, "error"), str(exc))
                 return request_id
             self._requests[request_id] = _Routed(request_id, on_output, is_cancelled, instance)
             self._waiting_first.add(request_id)
@@ -235,11 +234,11 @@ class ClusterFrontend:
             pending = [r for r in self._requests.values() if not r.ended]
             for routed in pending:
                 routed.ended = True
-                self._outbox.put((routed, _final(routed.request_id, "error"),
-                                  "the model is shutting down"))
-        self._outbox.put(None)
+                self._sender.put(routed, _final(routed.request_id, "error"),
+                                  "the model is shutting down")
         for thread in self._threads:
             thread.join(timeout_s)
+        self._sender.stop(timeout_s)
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -308,14 +307,14 @@ class ClusterFrontend:
             if ready.finished:
                 self._end(routed, ready, None)
                 return []
-            self._outbox.put((routed, ready, None))
+            self._sender.put(routed, ready, None)
         return []
 
     def _end(self, routed: _Routed, output: RequestOutput, error: str | None) -> None:
         routed.ended = True
         routed.held.clear()
         self._waiting_first.discard(routed.request_id)
-        self._outbox.put((routed, output, error))
+        self._sender.put(routed, output, error)
 
     def _aggregate(self) -> EngineStats:
         total = EngineStats()
@@ -408,47 +407,15 @@ class ClusterFrontend:
         except Exception:
             logger.warning("could not cancel %s on instance %d", request_id, instance)
 
-    # -- the sender thread ---------------------------------------------------------------------
+    # -- for the sender thread -------------------------------------------------------------
 
-    def _send(self) -> None:
-        next_check = time.monotonic() + self._cancel_period_s
-        while True:
-            try:
-                item = self._outbox.get(timeout=max(0.0, next_check - time.monotonic()))
-            except queue.Empty:
-                item = ()
-            if item is None:
-                return
-            if item:
-                self._send_one(*item)
-            if time.monotonic() >= next_check:
-                self._check_cancelled()
-                next_check = time.monotonic() + self._cancel_period_s
-
-    def _send_one(self, routed: _Routed, output: RequestOutput, error: str | None) -> None:
-        if output.finished:
-            with self._lock:
-                self._requests.pop(routed.request_id, None)
-        try:
-            routed.on_output(output, error)
-        except Exception:
-            logger.exception("response callback failed for request %s", routed.request_id)
-            if not output.finished:
-                routed.polling = False
-                self.cancel(routed.request_id)
-
-    def _check_cancelled(self) -> None:
+    def _forget(self, request_id: str) -> None:
         with self._lock:
-            polled = [r for r in self._requests.values() if r.polling and not r.ended]
-        for routed in polled:
-            try:
-                cancelled = routed.is_cancelled()  # type: ignore[misc]
-            except Exception:
-                routed.polling = False
-                continue
-            if cancelled:
-                routed.polling = False
-                self.cancel(routed.request_id)
+            self._requests.pop(request_id, None)
+
+    def _pollable(self) -> list[_Routed]:
+        with self._lock:
+            return [r for r in self._requests.values() if r.polling and not r.ended]
 
 
 def _reason_kind(reason: str) -> str:

@@ -49,6 +49,7 @@ from typing import Any
 from ..core.request import SamplingParams
 from ..engine.iteration_stats import IterationLog
 from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from .sender import ResponseSender
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +116,10 @@ class EngineLoop:
         self._on_failure = on_failure
         self._failure: str | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._cancel_period_s = cancellation_check_period_s
         self._on_stats = on_stats
         self._stats_period_s = stats_period_s
-        self._outbox: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
+        self._sender = ResponseSender(cancellation_check_period_s, self._pollable,
+                                      self._forget, self.cancel)
         # Under the lock: every request from submit until its final output is sent, the
         # admission counts (submissions in the inbox, and the engine's never-scheduled
         # requests as the engine thread last published them), and whether the engine
@@ -132,7 +133,6 @@ class EngineLoop:
         self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._sender = threading.Thread(target=self._send, name="response-sender", daemon=True)
 
     def start(self) -> None:
         self._sender.start()
@@ -166,7 +166,7 @@ class EngineLoop:
         with self._lock:
             if self._closed:  # ended at once, never in the table: nothing to poll or leak
                 sub.stage = _Stage.ENDED
-                self._outbox.put((sub, _final(request_id, "error"), self._closed_reason()))
+                self._sender.put(sub, _final(request_id, "error"), self._closed_reason())
                 return request_id
             if (self._max_queue_size
                     and self._num_in_inbox + self._num_queued_in_engine >= self._max_queue_size):
@@ -237,8 +237,7 @@ class EngineLoop:
         self._stop.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout_s)
-        self._outbox.put(None)
-        self._sender.join(timeout_s)
+        self._sender.stop(timeout_s)
         self.engine.shutdown()
 
     def _closed_reason(self) -> str:
@@ -361,7 +360,7 @@ class EngineLoop:
             self._num_queued_in_engine = num_queued
             sub.stage = _Stage.IN_ENGINE if error is None else _Stage.ENDED
         if error is not None:
-            self._outbox.put((sub, _final(sub.request_id, "error"), error))
+            self._sender.put(sub, _final(sub.request_id, "error"), error)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -370,7 +369,7 @@ class EngineLoop:
                 return  # ended already (or sent and gone): its final output is on its way
             sub.stage = _Stage.ENDED
         output = self.engine.abort_request(request_id)
-        self._outbox.put((sub, output or _final(request_id, "abort"), None))
+        self._sender.put(sub, output or _final(request_id, "abort"), None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         sends: list[_Send] = []
@@ -383,7 +382,7 @@ class EngineLoop:
                     sub.stage = _Stage.ENDED
                 sends.append((sub, output, None))
         for send in sends:
-            self._outbox.put(send)
+            self._sender.put(*send)
 
     def _fail_all(self, message: str) -> None:
         """End every request in the engine with ``message`` (engine thread only)."""
@@ -396,52 +395,19 @@ class EngineLoop:
                 self.engine.abort_request(sub.request_id)  # its blocks return
             except Exception:
                 logger.exception("aborting request %s failed", sub.request_id)
-            self._outbox.put((sub, _final(sub.request_id, "error"), message))
+            self._sender.put(sub, _final(sub.request_id, "error"), message)
 
-    # -- the sender thread -----------------------------------------------------------------
+    # -- for the sender thread -------------------------------------------------------------
 
-    def _send(self) -> None:
-        next_check = time.monotonic() + self._cancel_period_s
-        while True:
-            try:
-                item = self._outbox.get(timeout=max(0.0, next_check - time.monotonic()))
-            except queue.Empty:
-                item = ()
-            if item is None:
-                return
-            if item:
-                self._send_one(*item)
-            if time.monotonic() >= next_check:
-                self._check_cancelled()
-                next_check = time.monotonic() + self._cancel_period_s
-
-    def _send_one(self, sub: _Submission, output: RequestOutput, error: str | None) -> None:
-        if output.finished:  # the last thing that happens to it: it leaves the table
-            with self._lock:
-                self._requests.pop(sub.request_id, None)
-        try:
-            sub.on_output(output, error)
-        except Exception:
-            logger.exception("response callback failed for request %s", sub.request_id)
-            if not output.finished:  # nobody can receive the rest: stop generating
-                sub.polling = False
-                self.cancel(sub.request_id)
-
-    def _check_cancelled(self) -> None:
+    def _forget(self, request_id: str) -> None:
+        """Its final output is being sent: it leaves the table."""
         with self._lock:
-            subs = [sub for sub in self._requests.values()
+            self._requests.pop(request_id, None)
+
+    def _pollable(self) -> list[_Submission]:
+        with self._lock:
+            return [sub for sub in self._requests.values()
                     if sub.polling and sub.stage is not _Stage.ENDED]
-        for sub in subs:
-            try:
-                cancelled = sub.is_cancelled()  # type: ignore[misc]
-            except Exception:
-                logger.exception("is_cancelled() failed for request %s; no longer polled",
-                                 sub.request_id)
-                sub.polling = False
-                continue
-            if cancelled:
-                sub.polling = False
-                self.cancel(sub.request_id)
 
 
 def _final(request_id: str, reason: str) -> RequestOutput:
