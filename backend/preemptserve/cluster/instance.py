@@ -66,6 +66,11 @@ class Peer:
     def __init__(self, call: Callable[..., Any]) -> None:
         self._call = call
 
+    def transport(self, data: Sequence[torch.Tensor]) -> Sequence[Any]:
+        """Block data as ``stage_in`` takes it: numpy arrays (the object store's way);
+        ``cluster/gloo_transport.py``'s peer sends the tensors themselves."""
+        return _to_numpy(data)
+
     def stage_in(self, request_id: str, on_host: bool, data: Sequence[Any], num_blocks: int,
                  snapshot: RequestSnapshot | None) -> str:
         try:
@@ -183,7 +188,7 @@ class EngineInstance:
                     config: MigrationConfig) -> MigrationResult:
         """Move one request to ``destination`` in stages; returns how it ended."""
         migration = StagedMigration(_LoopSource(self), destination, request_id, config,
-                                    transport=_to_numpy)
+                                    transport=destination.transport)
         try:
             while (result := migration.step()) is None:
                 pass
@@ -199,9 +204,11 @@ class EngineInstance:
 
     # -- moving a request in (this instance is the destination) ------------------------------
 
-    def stage_in(self, request_id: str, on_host: bool, data: Sequence[np.ndarray],
-                 num_blocks: int, snapshot: RequestSnapshot | None) -> str:
-        tensors = [_from_numpy(rank_data) for rank_data in data]
+    def stage_in(self, request_id: str, on_host: bool,
+                 data: Sequence[np.ndarray | torch.Tensor], num_blocks: int,
+                 snapshot: RequestSnapshot | None) -> str:
+        tensors = [rank_data if isinstance(rank_data, torch.Tensor) else _from_numpy(rank_data)
+                   for rank_data in data]
 
         def stage(engine: LLMEngine) -> str:
             reason = engine.stage_in(request_id, on_host, tensors, num_blocks, snapshot)

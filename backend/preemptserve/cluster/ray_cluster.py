@@ -14,7 +14,13 @@ Facts this module is built on (``../shared/design/llumnix.md`` section 3, measur
 Each instance is an actor of ``EngineInstance`` (``cluster/instance.py``) in its own
 process, with concurrency groups so that calls of one kind stay in order while others
 proceed: ``requests`` (add, abort: one thread, in order), ``poll`` (the frontend's long
-poll) and ``migration`` (moves out and in, and picking the request to move).
+poll), ``migration`` (moves out and in, and picking the request to move) and
+``migration_in`` (a destination's side of gloo transfers: never queued behind the
+instance's own moves out, which would leave the source's send waiting until its timeout).
+
+``ClusterConfig.migration_transport`` chooses how a move's block data travels: through
+the object store (numpy arrays in the stage call), or over a pairwise gloo group between
+the two instance processes (``cluster/gloo_transport.py``).
 """
 
 from __future__ import annotations
@@ -22,18 +28,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from ..config import ClusterConfig, EngineConfig
 from .instance import EngineInstance, InstanceReport, Peer
 from .migration import MigrationConfig
 
+if TYPE_CHECKING:
+    from .gloo_transport import PairGroups
+
 logger = logging.getLogger(__name__)
 
-_GROUPS = {"requests": 1, "poll": 1, "migration": 2}
+_GROUPS = {"requests": 1, "poll": 1, "migration": 2, "migration_in": 2}
 _GROUP_OF = {"add_request": "requests", "abort": "requests", "poll": "poll",
              "pick_request": "migration", "migrate_out": "migration",
-             "stage_in": "migration", "release_reservation": "migration"}
+             "stage_in": "migration", "release_reservation": "migration",
+             "gloo_has": "migration_in", "gloo_join": "migration_in",
+             "gloo_stage_in": "migration_in"}
 
 
 class InstanceDied(RuntimeError):
@@ -41,17 +53,86 @@ class InstanceDied(RuntimeError):
 
 
 class RayInstance(EngineInstance):
-    """``EngineInstance`` as a Ray actor: its migration destinations are actor handles."""
+    """``EngineInstance`` as a Ray actor: its migration destinations are actor handles,
+    its block data goes by ``migration_transport`` ("object_store" or "gloo")."""
+
+    def __init__(self, instance_id: int, config: EngineConfig, *,
+                 migration_transport: str = "object_store", **kwargs: Any) -> None:
+        super().__init__(instance_id, config, **kwargs)
+        self._transport = migration_transport
+        self._gloo_groups: PairGroups | None = None
+        self._gloo_lock = threading.Lock()
 
     def migrate_out(self, request_id: str, destination: Any,  # type: ignore[override]
-                    config: MigrationConfig, timeout_s: float = 10.0):
+                    config: MigrationConfig, timeout_s: float = 10.0,
+                    destination_id: int | None = None):
+        """Move a request to the instance of actor handle ``destination`` (numbered
+        ``destination_id``: gloo's groups are by instance number; without it, the object
+        store carries the data)."""
+        return super().migrate_out(request_id, self._peer(destination, timeout_s,
+                                                         destination_id), config)
+
+    def _peer(self, destination: Any, timeout_s: float, destination_id: int | None) -> Peer:
+        """The instance of actor handle ``destination`` as a migration destination, every
+        call bounded by ``timeout_s``."""
         import ray
 
-        def call(method: str, *args: Any) -> Any:
+        def start(method: str, *args: Any):
             remote = getattr(destination, method).options(concurrency_group=_GROUP_OF[method])
-            return ray.get(remote.remote(*args), timeout=timeout_s)
+            ref = remote.remote(*args)
+            return lambda: ray.get(ref, timeout=timeout_s)
 
-        return super().migrate_out(request_id, Peer(call), config)
+        def call(method: str, *args: Any) -> Any:
+            return start(method, *args)()
+
+        if self._transport == "gloo" and destination_id is not None:
+            from .gloo_transport import GlooPeer
+
+            return GlooPeer(call, start, self._gloo(), str(self.instance_id),
+                            str(destination_id))
+        return Peer(call)
+
+    # -- a destination's side of gloo transfers (``cluster/gloo_transport.py``) -------------
+
+    def gloo_has(self, source: str, group_id: str) -> bool:
+        return self._gloo().has(source, group_id)
+
+    def gloo_join(self, source: str, group_id: str, port: int) -> None:
+        self._gloo().join(source, group_id, port)
+
+    def gloo_stage_in(self, source: str, group_id: str, tag: int, specs: list, request_id: str,
+                      on_host: bool, num_blocks: int, snapshot: Any) -> str:
+        """Receive one stage's block data from ``source``, then ``stage_in`` it."""
+        self._touched[request_id] = time.monotonic()  # a call of its source, as stage_in
+        try:
+            tensors, used_up = self._gloo().receive(source, group_id, tag, specs)
+        except Exception as exc:
+            return f"receiving over gloo failed: {type(exc).__name__}: {exc}"
+        # If this raises (the engine thread late), the buffer is not reused: the engine
+        # may still copy from it.
+        reason = self.stage_in(request_id, on_host, tensors, num_blocks, snapshot)
+        used_up()
+        return reason
+
+    def transport_info(self) -> dict[str, Any]:
+        """The transport, and for gloo its groups and bytes moved so far."""
+        info: dict[str, Any] = {"transport": self._transport}
+        if self._gloo_groups is not None:
+            info.update(self._gloo_groups.describe())
+        return info
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._gloo_groups is not None:
+            self._gloo_groups.close()
+
+    def _gloo(self) -> PairGroups:
+        with self._gloo_lock:
+            if self._gloo_groups is None:
+                from .gloo_transport import PairGroups
+
+                self._gloo_groups = PairGroups(self._reservation_timeout_s)
+            return self._gloo_groups
 
 
 class RayCluster:
@@ -70,6 +151,10 @@ class RayCluster:
         if self._owns_ray:
             if private:
                 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only
+                # Ray reads that variable when it is imported: already done here.
+                from ray._private import ray_constants
+
+                ray_constants.ENABLE_RAY_CLUSTER = False
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1,
                                                        config.num_instances
                                                        * config.cpus_per_instance),
@@ -84,6 +169,7 @@ class RayCluster:
         self.handles = [
             actor.remote(i, engine, torch_threads=config.cpus_per_instance,
                          reservation_timeout_s=timeout,
+                         migration_transport=config.migration_transport,
                          stats_period_s=config.polling_interval_ms / 1000)
             for i in range(config.num_instances)
         ]
@@ -126,7 +212,8 @@ class RayCluster:
                     config: MigrationConfig) -> None:
         """Start moving a request; its result comes in the source's next reports."""
         self._method(source, "migrate_out").remote(request_id, self.handles[destination],
-                                                   config, self.config.migration_timeout_s)
+                                                   config, self.config.migration_timeout_s,
+                                                   destination)
 
     def _method(self, instance: int, name: str):
         return getattr(self.handles[instance], name).options(concurrency_group=_GROUP_OF[name])
