@@ -195,6 +195,11 @@ class EngineInstance:
         except Exception as exc:  # the source's own side broke (the loop stopped)
             logger.exception("moving %s out failed", request_id)
             destination.release_reservation(request_id)
+            try:  # if it was stopped for the last stage, it resumes here (queued after
+                # any end_export still pending, so a move that did commit stays committed)
+                _LoopSource(self).end_export(request_id, committed=False)
+            except Exception:
+                logger.exception("could not resume %s after a failed move", request_id)
             result = MigrationResult(MigrationStatus.ABORTED_SRC, f"source failed: {exc}",
                                      migration.num_stages, 0, 0.0)
         with self._cond:
