@@ -256,8 +256,16 @@ class _LoopSource:
 
     def stage_out(self, request_id: str, sent: tuple[int, ...], sent_on_host: bool,
                   num_preemptions: int | None, last_stage_max_blocks: int) -> StageOut:
-        return self._instance._on_engine(lambda engine: engine.stage_out(
-            request_id, sent, sent_on_host, num_preemptions, last_stage_max_blocks))
+        """The check (and the stop) on the engine thread; the copy out of the cache on
+        this thread where the engine allows it, so the source's steps go on meanwhile."""
+        engine = self._instance.engine
+        read_here = engine.concurrent_reads
+        out = self._instance._on_engine(lambda engine: engine.stage_out(
+            request_id, sent, sent_on_host, num_preemptions, last_stage_max_blocks,
+            read=not read_here))
+        if read_here and out.block_ids and not out.reason:
+            out.data = engine.read_blocks(out.block_ids, out.on_host)
+        return out
 
     def end_export(self, request_id: str, committed: bool) -> bool:
         def end(engine: LLMEngine) -> bool:

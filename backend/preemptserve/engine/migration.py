@@ -130,17 +130,24 @@ class RequestMigration:
     tokenizer: TextTokenizer
     device: torch.device
     max_model_len: int
+    tensor_parallel_size: int
     hidden_unavailable_reason: str
 
     # -- one stage of a staged move, each side in one call (``cluster/migration.py``) ----
 
     def stage_out(self, request_id: str, sent: tuple[int, ...], sent_on_host: bool,
-                  num_preemptions: int | None, last_stage_max_blocks: int) -> StageOut:
+                  num_preemptions: int | None, last_stage_max_blocks: int,
+                  read: bool = True) -> StageOut:
         """The source's side of a stage: check the request is as the previous stage left
         it (``sent``: its blocks copied so far, from tier ``sent_on_host``; it was
         preempted ``num_preemptions`` times, None on the first stage), then read the
         blocks to copy. The last stage (at most ``last_stage_max_blocks`` left, or the
-        cache on the host tier, frozen) stops the request first (``export_request``)."""
+        cache on the host tier, frozen) stops the request first (``export_request``).
+
+        ``read=False`` leaves ``data`` empty for the caller to read outside the engine's
+        thread, where that is safe (``concurrent_reads``): the blocks are full, so
+        nothing writes them; a stage's blocks stay the request's until it finishes or is
+        preempted, which the next stage checks; the last stage's are pinned."""
         request = self.scheduler.requests.get(request_id)
         if request is None:
             return StageOut("the request finished or left the source")
@@ -154,10 +161,17 @@ class RequestMigration:
             stopped_s = time.perf_counter()
             snapshot = self.export_request(request_id)  # it stops here
             return StageOut("", on_host, remaining, self.read_blocks(remaining, on_host)
-                            if remaining else (), request.num_preemptions, snapshot, stopped_s)
+                            if remaining and read else (), request.num_preemptions,
+                            snapshot, stopped_s)
         to_send = remaining[:-1]  # the last block is still filling
         return StageOut("", on_host, to_send, self.read_blocks(to_send, on_host)
-                        if to_send else (), request.num_preemptions)
+                        if to_send and read else (), request.num_preemptions)
+
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether ``read_blocks`` may run beside a step on another thread: one rank on
+        the CPU (no pipe to the worker ranks to share, no copy stream)."""
+        return self.tensor_parallel_size == 1 and self.device.type == "cpu"
 
     def stage_in(self, request_id: str, on_host: bool, data: Sequence[Any], num_blocks: int,
                  snapshot: RequestSnapshot | None) -> str:
