@@ -25,6 +25,7 @@ the two instance processes (``cluster/gloo_transport.py``).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -46,6 +47,17 @@ _GROUP_OF = {"add_request": "requests", "abort": "requests", "poll": "poll",
              "stage_in": "migration", "release_reservation": "migration",
              "gloo_has": "migration_in", "gloo_join": "migration_in",
              "gloo_stage_in": "migration_in"}
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether ``host:port`` names this machine's loopback interface."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class InstanceDied(RuntimeError):
@@ -149,12 +161,22 @@ class RayCluster:
                                                                else "token")
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            if private:
+            # Ray read RAY_AUTH_MODE when it was imported: make it read it again (as Ray
+            # does itself when it turns token mode on), else a join in token mode fails.
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+            # Loopback only for a private cluster, and to join a head on loopback: Ray would
+            # rewrite 127.0.0.1 to the machine's address, where that head does not listen,
+            # and wait there forever.
+            if private or _on_loopback(config.ray_address):
                 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only
                 # Ray reads that variable when it is imported: already done here.
                 from ray._private import ray_constants
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
+            if private:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1,
                                                        config.num_instances
                                                        * config.cpus_per_instance),
