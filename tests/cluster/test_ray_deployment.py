@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 from cluster_helpers import GREEDY, PROMPT, Collector, engine_config
-from test_ray_instances import alive, mentioning, process_tree, wait_gone
 
 from preemptserve.cluster.frontend import ClusterFrontend
 from preemptserve.config import ClusterConfig
+from preemptserve.processes import descendants, is_alive, mentioning, wait_gone
 
 pytest.importorskip("ray")
 
@@ -144,7 +144,7 @@ def test_a_private_cluster_listens_on_loopback_only(default_model_dir, fresh_ray
 
     temp_dir = tempfile.mkdtemp(prefix="psdep", dir="/tmp")  # short socket paths
     me = os.getpid()
-    before = process_tree(me)
+    before = descendants(me)
     mine_before = socket_inodes(me)  # this process's own listeners from earlier tests
     cluster = None
     session: set[int] = set()
@@ -154,7 +154,7 @@ def test_a_private_cluster_listens_on_loopback_only(default_model_dir, fresh_ray
         # Ray's agents start beside the raylet, asynchronously: look a few times.
         listeners: dict[tuple[int, str, int], str] = {}
         for _ in range(4):
-            session = (process_tree(me) - before) | mentioning(temp_dir)
+            session = (descendants(me) - before) | mentioning(temp_dir)
             sockets = listening_sockets()
             for pid in session | {me}:
                 for inode in socket_inodes(pid) & sockets.keys() - mine_before:
@@ -172,7 +172,7 @@ def test_a_private_cluster_listens_on_loopback_only(default_model_dir, fresh_ray
         assert outside == {}, f"listening beyond loopback: {outside}"
     finally:
         try:
-            session |= (process_tree(me) - before) | mentioning(temp_dir)
+            session |= (descendants(me) - before) | mentioning(temp_dir)
             if cluster is not None:
                 cluster.shutdown()
             elif ray.is_initialized():
@@ -213,7 +213,7 @@ def _start_head(temp_dir: str, token: str) -> tuple[subprocess.Popen, int, Path]
     return head, port, log
 
 
-def _stop_head(head: subprocess.Popen, descendants: set[int]) -> set[int]:
+def _stop_head(head: subprocess.Popen, started: set[int]) -> set[int]:
     """SIGTERM to the head (SIGKILL after 45 s: its GCS may take 30-40 s), then wait for
     its descendants to exit; those still there after 15 s are killed, and returned."""
     if head.poll() is None:
@@ -223,7 +223,7 @@ def _stop_head(head: subprocess.Popen, descendants: set[int]) -> set[int]:
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait(10)
-    return kill_left(descendants, 15)
+    return kill_left(started, 15)
 
 
 def test_a_model_joins_a_running_cluster_and_leaves_it_running(default_model_dir, reference,
@@ -235,7 +235,7 @@ def test_a_model_joins_a_running_cluster_and_leaves_it_running(default_model_dir
     temp_dir = tempfile.mkdtemp(prefix="psdeh", dir="/tmp")
     token = secrets.token_hex(32)
     head, port, log = _start_head(temp_dir, token)
-    head_processes = process_tree(head.pid) | mentioning(temp_dir)
+    head_processes = descendants(head.pid) | mentioning(temp_dir)
     daemons = {pid for pid in head_processes
                if any(name in command(pid) for name in ("gcs_server", "raylet/raylet"))}
     cluster = frontend = None
@@ -249,7 +249,7 @@ def test_a_model_joins_a_running_cluster_and_leaves_it_running(default_model_dir
                                polling_interval_ms=20)
         cluster = RayCluster(config, engine_config(default_model_dir))
         instances = {info["pid"] for info in cluster.infos}
-        assert len(instances) == 2 and instances <= process_tree(head.pid), \
+        assert len(instances) == 2 and instances <= descendants(head.pid), \
             "the instances should run under the external head's raylet"
         frontend = ClusterFrontend(cluster, config, cancellation_check_period_s=0.01)
         frontend.start()
@@ -267,7 +267,7 @@ def test_a_model_joins_a_running_cluster_and_leaves_it_running(default_model_dir
         assert not ray.is_initialized(), "the driver should have disconnected"
         assert wait_gone(instances, 15) == set(), "instance actor processes still alive"
         # The external cluster is untouched, and still takes drivers.
-        assert head.poll() is None and all(map(alive, daemons)), \
+        assert head.poll() is None and all(map(is_alive, daemons)), \
             f"shutting the model down stopped the cluster it joined:\n{log.read_text()[-2000:]}"
         ray.init(address=address, log_to_driver=False)
         try:
@@ -282,11 +282,11 @@ def test_a_model_joins_a_running_cluster_and_leaves_it_running(default_model_dir
                 cluster.shutdown()
             elif ray.is_initialized():
                 ray.shutdown()
-            descendants = process_tree(head.pid) | mentioning(temp_dir) | head_processes
+            everything = descendants(head.pid) | mentioning(temp_dir) | head_processes
             # Its DashboardAgent and RuntimeEnvAgent may outlive it by a minute: killed.
-            _stop_head(head, descendants | instances)
+            _stop_head(head, everything | instances)
             assert head.returncode is not None
-            left = {pid for pid in descendants | instances if alive(pid)}
+            left = {pid for pid in everything | instances if is_alive(pid)}
             assert left == set(), f"processes of the head left behind: {sorted(left)}"
         finally:
             shutil.rmtree(temp_dir, ignore_errors=True)

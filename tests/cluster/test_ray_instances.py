@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import tempfile
-import time
-from pathlib import Path
 
 import pytest
 from cluster_helpers import GREEDY, PROMPT, SEEDED, Collector, engine_config, wait_until
@@ -18,61 +16,13 @@ from cluster_helpers import GREEDY, PROMPT, SEEDED, Collector, engine_config, wa
 from preemptserve.cluster.frontend import ClusterFrontend
 from preemptserve.config import ClusterConfig
 from preemptserve.core.request import SamplingParams
+from preemptserve.processes import descendants, is_alive, mentioning, wait_gone
 
 pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
 RAY_ENV = ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-
-
-def process_tree(root_pid: int) -> set[int]:
-    """Pids of ``root_pid``'s descendants (not itself)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = set(), [root_pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.add(child)
-            stack.append(child)
-    return found
-
-
-def mentioning(text: str) -> set[int]:
-    """Pids whose command line mentions ``text`` (Ray's processes name their session
-    directory), wherever they were started from."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if text.encode() in cmdline:
-                found.add(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_gone(pids: set[int], timeout_s: float) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return {p for p in pids if alive(p)}
 
 
 class Cluster:
@@ -83,7 +33,7 @@ class Cluster:
         from preemptserve.cluster.ray_cluster import RayCluster
 
         self.temp_dir = tempfile.mkdtemp(prefix="psray", dir="/tmp")  # short socket paths
-        self.before = process_tree(os.getpid())
+        self.before = descendants(os.getpid())
         self.config = ClusterConfig(num_instances=2, ray_temp_dir=self.temp_dir,
                                     dispatch_policy="round_robin", enable_migration=False,
                                     polling_interval_ms=20, migration_last_stage_max_blocks=2)
@@ -99,7 +49,7 @@ class Cluster:
         return frontend
 
     def stop(self) -> set[int]:
-        session = (process_tree(os.getpid()) - self.before) | mentioning(self.temp_dir)
+        session = (descendants(os.getpid()) - self.before) | mentioning(self.temp_dir)
         for frontend in self.frontends:
             frontend.shutdown()
         self.ray.shutdown()
@@ -155,7 +105,7 @@ def test_a_request_moved_between_actors_gives_the_unmoved_text(cluster, frontend
 def test_a_killed_instance_process_fails_its_request_the_other_serves(cluster, frontend,
                                                                       reference):
     pids = [info["pid"] for info in cluster.ray.infos]
-    assert len(set(pids)) == 2 and os.getpid() not in pids and all(map(alive, pids))
+    assert len(set(pids)) == 2 and os.getpid() not in pids and all(map(is_alive, pids))
     doomed = Collector()
     frontend.submit(PROMPT, SamplingParams(max_tokens=300, min_length=300, temperature=0.0),
                     doomed)  # instance 0
@@ -174,7 +124,7 @@ def test_a_killed_instance_process_fails_its_request_the_other_serves(cluster, f
 
 def test_shutdown_leaves_no_process_of_the_ray_session(cluster):
     """(Last: it ends the module's cluster; the fixture's own stop finds nothing left.)"""
-    session = (process_tree(os.getpid()) - cluster.before) | mentioning(cluster.temp_dir)
+    session = (descendants(os.getpid()) - cluster.before) | mentioning(cluster.temp_dir)
     assert len(session) >= 3, f"expected Ray's daemons and workers, found {sorted(session)}"
     assert cluster.stop() == set()
-    assert {p for p in process_tree(os.getpid()) - cluster.before if alive(p)} == set()
+    assert {p for p in descendants(os.getpid()) - cluster.before if is_alive(p)} == set()

@@ -21,12 +21,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from stream_client import StreamError, stream_generate
 from test_serving import metric_values, post_json, sse_events, wait_until
-from test_tp_serving import alive, process_tree, wait_gone
 
 from preemptserve.bench.server import write_repository
 from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import SamplingParams
 from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.processes import descendants, is_alive, wait_gone
 from preemptserve.triton_server import TritonServer, TritonServerError
 
 pytest.importorskip("ray")
@@ -164,7 +164,7 @@ def explicit_cluster_server(tmp_path):
 def test_dead_instance_fails_its_requests_others_serve_and_unload_leaves_nothing(
         explicit_cluster_server, tmp_path):
     server = explicit_cluster_server
-    everything = process_tree(server.pid)
+    everything = descendants(server.pid)
     pids = instance_pids(tmp_path / "tritonserver.log")
     assert len(pids) == 2 and all(pid in everything for pid in pids)
     # Round robin: the first request goes to instance 0, whose process dies mid-stream.
@@ -182,7 +182,7 @@ def test_dead_instance_fails_its_requests_others_serve_and_unload_leaves_nothing
         client.unload_model("llm")
     left = wait_gone(everything, timeout_s=60)
     assert left == set(), f"unloading left processes behind: {sorted(left)}"
-    assert not alive(pids[1])
+    assert not is_alive(pids[1])
 
 
 def test_the_instance_count_and_its_limits_are_checked(tmp_path):

@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 from stream_client import StreamError, stream_generate
 from test_preemption import metric_sum, write_repository
 
+from preemptserve import processes
 from preemptserve.triton_server import TritonServer, TritonServerError
 
 EXPLICIT = ("--model-control-mode=explicit", "--load-model=llm")
@@ -40,43 +41,13 @@ WORKLOAD_PARAMETERS = {
 }
 
 
-def process_tree(root_pid: int) -> set[int]:
-    """Pids of ``root_pid``'s descendants (not itself)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = set(), [root_pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.add(child)
-            stack.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def wait_gone(pids: set[int], timeout_s: float = 20.0) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return {p for p in pids if alive(p)}
+    return processes.wait_gone(pids, timeout_s)
 
 
 def model_processes(server: TritonServer) -> set[int]:
     """The Python stub of the model and everything it started (worker ranks)."""
-    pids = process_tree(server.pid)
+    pids = processes.descendants(server.pid)
     assert len(pids) >= 2, "expected the stub and at least one worker rank"
     return pids
 

@@ -21,6 +21,7 @@ from engine_helpers import block_bytes, random_prompts, run_staggered
 from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import SamplingParams
 from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.processes import is_alive
 from preemptserve.serving.engine_loop import EngineLoop
 
 BLOCK_SIZE = 8
@@ -168,6 +169,7 @@ WORKER_PIDS_OF_A_KILLED_DRIVER = """
 import sys
 from preemptserve.config import CacheConfig, EngineConfig
 from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.processes import is_alive
 if __name__ == "__main__":
     engine = LLMEngine(EngineConfig(model_dir=sys.argv[1], device="cpu",
                                     tensor_parallel_size=2,
@@ -189,20 +191,13 @@ def test_workers_exit_when_the_driver_is_killed(default_model_dir, tmp_path):
     )
     try:
         worker_pids = [int(pid) for pid in driver.stdout.readline().split()]
-        assert worker_pids and all(_alive(pid) for pid in worker_pids)
+        assert worker_pids and all(is_alive(pid) for pid in worker_pids)
     finally:
         driver.kill()
         driver.wait()
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in worker_pids) and time.monotonic() < deadline:
+    while any(is_alive(pid) for pid in worker_pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in worker_pids), "a worker outlived its driver"
+    assert not any(is_alive(pid) for pid in worker_pids), "a worker outlived its driver"
 
 
-def _alive(pid: int) -> bool:
-    """Running (not a zombie: a reaped or init-adopted worker that exited is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

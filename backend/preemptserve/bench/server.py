@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import parameter_names
 from ..pbtxt import read_parameters, set_parameters
+from ..processes import cpu_seconds, descendants
 from ..triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 logger = logging.getLogger(__name__)
@@ -107,23 +108,4 @@ def wait_idle(metrics_url: str, timeout_s: float) -> bool:
 
 def process_tree_cpu_s(root_pid: int) -> float:
     """User + system CPU seconds of ``root_pid`` and its descendants, all threads."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {root_pid}, [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in tree)
+    return cpu_seconds({root_pid} | descendants(root_pid))
