@@ -7,9 +7,13 @@ The parameters of a scheduling policy are not listed here: the policy declares t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.scaling import ScalingPolicy
 
 
 class FrozenOptions(Mapping[str, Any]):
@@ -141,6 +145,20 @@ class ClusterConfig:
     # A reservation for a move in no call of its source this long is freed (the source
     # died), Llumnix's PENDING_MIGRATE_IN_TIMEOUT; also the limit of each remote call.
     migration_timeout_s: float = 10.0
+    # KV blocks an instance holding a high-priority request keeps out of normal requests'
+    # reach (Llumnix's priority headroom, ``core/scheduler/load.py``); 0: none.
+    priority_headroom_blocks: int = 0
+    # Auto-scaling (``core/scaling.py``): add instances while the cluster's freeness stays
+    # below scale_up_threshold for scaling_interval_s, drain one while the freeness
+    # without it stays above scale_down_threshold, between min_instances and
+    # max_instances (0: num_instances). Read by the cluster simulator; the Ray runtime
+    # does not scale yet.
+    enable_scaling: bool = False
+    min_instances: int = 1
+    max_instances: int = 0
+    scale_up_threshold: float = 10.0
+    scale_down_threshold: float = 60.0
+    scaling_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -158,6 +176,28 @@ class ClusterConfig:
         if self.migration_max_stages < 1 or self.migration_last_stage_max_blocks < 0:
             raise ValueError("need migration_max_stages >= 1 and "
                              "migration_last_stage_max_blocks >= 0")
+        if self.priority_headroom_blocks < 0:
+            raise ValueError("priority_headroom_blocks must be >= 0, got "
+                             f"{self.priority_headroom_blocks}")
+        if self.min_instances < 1:
+            raise ValueError(f"min_instances must be >= 1, got {self.min_instances}")
+        if self.max_instances and self.max_instances < self.min_instances:
+            raise ValueError(f"max_instances ({self.max_instances}) must be 0 (num_instances)"
+                             f" or >= min_instances ({self.min_instances})")
+        if self.enable_scaling and not (
+                self.min_instances <= self.num_instances <= self.scaling_max_instances):
+            raise ValueError(f"with enable_scaling, need min_instances ({self.min_instances})"
+                             f" <= num_instances ({self.num_instances}) <= max_instances "
+                             f"({self.scaling_max_instances})")
+        if not (math.isfinite(self.scale_up_threshold)
+                and math.isfinite(self.scale_down_threshold)
+                and self.scale_down_threshold > self.scale_up_threshold):
+            raise ValueError("need finite scaling thresholds with scale_down_threshold "
+                             f"({self.scale_down_threshold}) > scale_up_threshold "
+                             f"({self.scale_up_threshold})")
+        if not (math.isfinite(self.scaling_interval_s) and self.scaling_interval_s > 0):
+            raise ValueError(
+                f"scaling_interval_s must be positive, got {self.scaling_interval_s}")
         from .core.global_scheduler import DISPATCH_POLICIES, REQUEST_POLICIES
 
         if self.dispatch_policy not in DISPATCH_POLICIES:
@@ -167,6 +207,19 @@ class ClusterConfig:
             raise ValueError("migration_request_policy must be one of "
                              f"{', '.join(REQUEST_POLICIES)}, got "
                              f"{self.migration_request_policy!r}")
+
+    @property
+    def scaling_max_instances(self) -> int:
+        """``max_instances``, or ``num_instances`` when it is 0."""
+        return self.max_instances or self.num_instances
+
+    def scaling_policy(self) -> ScalingPolicy:
+        """The ``core/scaling.py`` policy these settings describe."""
+        from .core.scaling import ScalingPolicy
+
+        return ScalingPolicy(self.min_instances, self.scaling_max_instances,
+                             self.scale_up_threshold, self.scale_down_threshold,
+                             self.scaling_interval_s)
 
 
 @dataclass(frozen=True)
@@ -246,6 +299,13 @@ _PARAMETERS = {
     "migration_transport": ("cluster", "migration_transport", str),
     "polling_interval_ms": ("cluster", "polling_interval_ms", int),
     "migration_timeout_s": ("cluster", "migration_timeout_s", float),
+    "priority_headroom_blocks": ("cluster", "priority_headroom_blocks", int),
+    "enable_scaling": ("cluster", "enable_scaling", _parse_bool),
+    "min_instances": ("cluster", "min_instances", int),
+    "max_instances": ("cluster", "max_instances", int),
+    "scale_up_threshold": ("cluster", "scale_up_threshold", float),
+    "scale_down_threshold": ("cluster", "scale_down_threshold", float),
+    "scaling_interval_s": ("cluster", "scaling_interval_s", float),
 }
 
 

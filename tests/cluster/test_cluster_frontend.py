@@ -362,6 +362,30 @@ def test_load_dispatch_prefers_the_freer_instance(scripted):
     assert [instance for instance, _ in instances.added] == [1, 1, 1, 1]
 
 
+def test_priority_dispatch_with_headroom_and_priority_reaches_the_instance(scripted):
+    instances, make = scripted
+    sent: list[str] = []
+    add_request = instances.add_request
+    instances.add_request = lambda instance, request_id, prompt, sampling, **kwargs: (
+        sent.append(kwargs["priority"]), add_request(instance, request_id, prompt, sampling))
+    frontend = make(dispatch_policy="load", priority_headroom_blocks=20)
+    # Instance 0 holds a high-priority request: normal requests see 20 blocks fewer.
+    high = InstanceLoad(num_blocks=32, num_used_blocks=4, num_running=1, num_waiting=0,
+                        head_of_line_blocks=0, waiting_blocks=0, num_high_running=1)
+    instances.report(0, load=high)
+    instances.report(1, load=_load(num_used_blocks=8, num_running=2))
+    wait_until(lambda: len(frontend.stats.freeness) == 2, 5, "both reports")
+    assert frontend.stats.freeness[0] == (32 - 4 - 20) / 1  # the frontend's headroom
+    frontend.submit("prompt", GREEDY, Collector())  # (32-4-20)/1 = 8 < (32-8)/2 = 12
+    frontend.submit("prompt", GREEDY, Collector(), priority="high")  # 28 > 12
+    assert [instance for instance, _ in instances.added] == [1, 0]
+    assert sent == ["normal", "high"]
+    bad = Collector()
+    frontend.submit("prompt", GREEDY, bad, priority="urgent")
+    output, error = bad.wait_done(5)
+    assert output.finish_reason == "error" and "high" in error and len(sent) == 2
+
+
 def test_a_poll_failure_fails_the_instance_s_requests(scripted):
     instances, make = scripted
     frontend = make()

@@ -7,6 +7,7 @@ the engine's migration seams only: export, read blocks, reserve, write, import, 
 from __future__ import annotations
 
 import os
+import pickle
 
 import pytest
 from engine_helpers import block_bytes, random_prompts
@@ -151,6 +152,27 @@ def test_moved_request_continues_exactly(engines, case):
     run(destination, got)
 
     assert_unmoved(got, expected, request_id)
+    assert_idle(reference, source, destination)
+
+
+def test_priority_moves_with_the_request(engines):
+    reference, source, destination = engines
+    prompt = random_prompts(11, [20])[0]
+    request_id = f"high-{source.scheduler.policy_name}"
+    source.add_request(request_id, prompt, GREEDY, priority="high")
+    run(source, {}, max_steps=3)
+    snapshot = source.export_request(request_id)
+    assert snapshot.priority == "high"
+    source.cancel_export(request_id)
+    move(source, destination, request_id)
+    assert destination.scheduler.requests[request_id].priority == "high"
+    run(destination, {})
+    # A snapshot from before priorities existed (no such attribute) reads "normal".
+    old = pickle.loads(pickle.dumps(snapshot))
+    del old.__dict__["priority"]
+    assert old.priority == "normal" and old.to_request(0.0).priority == "normal"
+    with pytest.raises(ValueError, match="priority"):
+        source.add_request("bad-priority", prompt, GREEDY, priority="urgent")
     assert_idle(reference, source, destination)
 
 

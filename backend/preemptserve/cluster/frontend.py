@@ -4,7 +4,8 @@ serves a cluster exactly as it serves one engine.
 
 * **Dispatch**: each new request goes to the instance the ``Dispatcher`` chooses
   (``core/global_scheduler.py``: round robin, queue-blind balance, or Llumnix's
-  freeness) from the instances' load reports.
+  freeness) from the instances' load reports, into which the frontend puts the
+  high-priority headroom (``priority_headroom_blocks``) before anyone reads them.
 * **Outputs**: one thread per instance long-polls it (``poll``: outputs since the last
   poll, its load and statistics, its finished moves). A request's outputs may come from
   two instances around a move, and the two polls race: outputs are delivered strictly
@@ -32,7 +33,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 from ..config import ClusterConfig
@@ -156,7 +157,8 @@ class ClusterFrontend:
     def submit(self, prompt: str, sampling: SamplingParams, on_output: OutputCallback,
                is_cancelled: Callable[[], bool] | None = None, *,
                ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
-               echo_prompt: bool = False, stream: bool = True) -> str:
+               echo_prompt: bool = False, stream: bool = True,
+               priority: str = "normal") -> str:
         request_id = uuid.uuid4().hex
         blocks = self._prompt_blocks(prompt)
         with self._lock:
@@ -169,8 +171,8 @@ class ClusterFrontend:
                 self._num_rejected += 1
                 raise QueueFullError(self._max_queue_size)
             try:
-                instance = self._dispatcher.choose(blocks)
-            except NoInstanceError as exc:
+                instance = self._dispatcher.choose(blocks, priority)
+            except (NoInstanceError, ValueError) as exc:  # ValueError: a bad priority
                 self._sender.put(_Routed(request_id, on_output, None, -1, ended=True),
                                   _final(request_id, "error"), str(exc))
                 return request_id
@@ -178,7 +180,7 @@ class ClusterFrontend:
             self._waiting_first.add(request_id)
         self.instances.add_request(instance, request_id, prompt, sampling,
                                    ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s,
-                                   echo_prompt=echo_prompt, stream=stream)
+                                   echo_prompt=echo_prompt, stream=stream, priority=priority)
         return request_id
 
     def cancel(self, request_id: str) -> None:
@@ -255,6 +257,9 @@ class ClusterFrontend:
     def _on_report(self, report: InstanceReport) -> None:
         i = report.instance_id
         aborts: list[tuple[int, str]] = []
+        if self.config.priority_headroom_blocks:
+            report.load = replace(report.load,
+                                  priority_headroom_blocks=self.config.priority_headroom_blocks)
         with self._lock:
             self._loads[i] = report.load
             self._stats[i] = report.stats

@@ -134,11 +134,12 @@ class EngineInstance:
 
     def add_request(self, request_id: str, prompt: str, sampling: SamplingParams, *,
                     ttft_slo_s: float | None = None, tbt_slo_s: float | None = None,
-                    echo_prompt: bool = False, stream: bool = True) -> None:
+                    echo_prompt: bool = False, stream: bool = True,
+                    priority: str = "normal") -> None:
         """Serve a request; its outputs (an error for bad input) come through ``poll``."""
         self.loop.submit(prompt, sampling, self._collect, request_id=request_id,
                          ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s,
-                         echo_prompt=echo_prompt, stream=stream)
+                         echo_prompt=echo_prompt, stream=stream, priority=priority)
 
     def abort(self, request_id: str) -> None:
         self.loop.cancel(request_id)
@@ -178,7 +179,7 @@ class EngineInstance:
                 on_host, block_ids = engine.request_blocks(request_id)
                 candidates.append(MigrationCandidate(
                     request_id, request.num_tokens, len(block_ids), on_host,
-                    now - request.arrival_time_s))
+                    now - request.arrival_time_s, request.priority))
             chosen = choose_request(candidates, policy)
             return None if chosen is None else chosen.request_id
 

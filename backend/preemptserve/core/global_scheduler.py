@@ -16,7 +16,12 @@ one), so the Ray runtime and the cluster simulator call the very same functions:
   overloaded instance moves a request to which freer one; ``drain_pairs`` for an
   instance being drained.
 * **Request choice** on the source (``choose_request``): Llumnix's ``SR`` / ``LR`` /
-  ``LCR``.
+  ``LCR``, normal-priority requests before high-priority ones.
+
+Priorities (llumnix.md 1.2): the load reports carry the high-priority headroom
+(``InstanceLoad.priority_headroom_blocks``); normal requests are dispatched and paired
+by the freeness with it, high-priority requests are dispatched by the freeness without
+it. Auto-scaling decisions are ``core/scaling.py``'s.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from .request import HIGH_PRIORITY, NORMAL_PRIORITY, check_priority
 from .scheduler.load import InstanceLoad
 
 DISPATCH_POLICIES = ("round_robin", "balanced", "load")
@@ -49,6 +55,9 @@ class Dispatcher:
     overloaded instance would draw a burst instead of shedding it. Here a request
     dispatched to an instance never makes it look freer than its report said (the lower
     of the two counts), and ties go to the instance sent fewer requests since.
+
+    A draining instance (``set_draining``, or a report with ``draining``) takes no new
+    request, as a dead one (Llumnix's terminating instance, F = -inf).
     """
 
     def __init__(self, policy: str, num_instances: int) -> None:
@@ -65,6 +74,7 @@ class Dispatcher:
         self._reported: list[InstanceLoad | None] = [None] * num_instances
         self._num_dispatched = [0] * num_instances  # since the instance's last report
         self._alive = [True] * num_instances
+        self._draining = [False] * num_instances
         self._next = 0  # round_robin's next instance
 
     def update(self, instance: int, load: InstanceLoad | None) -> None:
@@ -78,32 +88,48 @@ class Dispatcher:
         self._check(instance)
         self._alive[instance] = alive
 
+    def set_draining(self, instance: int, draining: bool) -> None:
+        """A draining instance (being scaled in) receives no new request."""
+        self._check(instance)
+        self._draining[instance] = draining
+
     def load(self, instance: int) -> InstanceLoad | None:
         """The instance's newest report with the requests dispatched to it since."""
         self._check(instance)
         return self._loads[instance]
 
-    def choose(self, prompt_blocks: int) -> int:
+    def choose(self, prompt_blocks: int, priority: str = NORMAL_PRIORITY) -> int:
         """The instance for a new request whose prompt needs ``prompt_blocks`` KV blocks.
 
-        Raises ``NoInstanceError`` when no instance is alive.
+        ``priority`` "high": by the freeness without the high-priority headroom (``load``
+        policy; the others ignore priorities). Raises ``NoInstanceError`` when no
+        instance is alive and not draining.
         """
         if prompt_blocks < 0:
             raise ValueError(f"prompt_blocks must be non-negative, got {prompt_blocks}")
-        alive = [i for i in range(self.num_instances) if self._alive[i]]
+        high = check_priority(priority) == HIGH_PRIORITY
+        takes = [self._takes_requests(i) for i in range(self.num_instances)]
+        alive = [i for i in range(self.num_instances) if takes[i]]
         if not alive:
-            raise NoInstanceError(f"none of the {self.num_instances} instances is alive")
+            raise NoInstanceError(f"none of the {self.num_instances} instances is alive "
+                                  "and not draining")
         if self.policy == "round_robin":
             chosen = next(i % self.num_instances
                           for i in range(self._next, self._next + self.num_instances)
-                          if self._alive[i % self.num_instances])
+                          if takes[i % self.num_instances])
             self._next = (chosen + 1) % self.num_instances
         elif self.policy == "balanced":
             chosen = min(alive, key=self._balanced_key)
         else:
-            chosen = min(alive, key=self._load_key)
-        self._account(chosen, prompt_blocks)
+            chosen = min(alive, key=lambda i: self._load_key(i, high))
+        self._account(chosen, prompt_blocks, high)
         return chosen
+
+    def _takes_requests(self, instance: int) -> bool:
+        if not self._alive[instance] or self._draining[instance]:
+            return False
+        load = self._reported[instance]
+        return load is None or not load.draining
 
     def _balanced_key(self, instance: int) -> tuple[float, int, int]:
         load = self._loads[instance]
@@ -112,17 +138,22 @@ class Dispatcher:
         share = load.num_used_blocks / load.num_blocks if load.num_blocks else math.inf
         return (share, load.num_running + load.num_waiting, instance)
 
-    def _load_key(self, instance: int) -> tuple[float, int, int]:
+    def _load_key(self, instance: int, high: bool = False) -> tuple[float, int, int]:
         load = self._loads[instance]
         if load is None:
             return (-math.inf, self._num_dispatched[instance], instance)
         reported = self._reported[instance]
         assert reported is not None
-        freeness = min(load.dispatch_freeness, reported.dispatch_freeness)
+        if high:
+            freeness = min(load.high_priority_dispatch_freeness,
+                           reported.high_priority_dispatch_freeness)
+        else:
+            freeness = min(load.dispatch_freeness, reported.dispatch_freeness)
         return (-freeness, self._num_dispatched[instance], instance)
 
-    def _account(self, instance: int, prompt_blocks: int) -> None:
-        # The request waits on the instance until its next report says where it stands.
+    def _account(self, instance: int, prompt_blocks: int, high: bool = False) -> None:
+        # The request waits on the instance until its next report says where it stands
+        # (a high-priority one brings the headroom with it at once).
         self._num_dispatched[instance] += 1
         load = self._loads[instance]
         if load is None:
@@ -132,6 +163,7 @@ class Dispatcher:
             num_waiting=load.num_waiting + 1,
             waiting_blocks=load.waiting_blocks + prompt_blocks,
             head_of_line_blocks=load.head_of_line_blocks if load.num_waiting else prompt_blocks,
+            num_high_waiting=load.num_high_waiting + high,
         )
 
     def _check(self, instance: int) -> None:
@@ -148,31 +180,39 @@ def pair_migrations(
 
     Llumnix's ``defrag`` pairing (llumnix.md 1.4), on migration freeness ``F``:
 
-    * sources: ``F < -threshold`` (fewer than ``threshold`` decode steps of memory left
-      per request; Llumnix's ``MIGRATE_OUT_THRESHOLD``) and at least one running
-      request, since only started requests are chosen to move;
-    * destinations: ``F >= -threshold`` and ``F`` strictly greater than the source's
-      (no ping-pong between equally loaded instances); a source is never a destination;
+    * sources: at least one running request (only started requests are chosen to move)
+      and either ``F < -threshold`` (fewer than ``threshold`` decode steps of memory
+      left per request; Llumnix's ``MIGRATE_OUT_THRESHOLD``) or requests preempted
+      because memory ran out (``num_memory_preempted``, Llumnix's
+      ``num_killed_requests > 0``). An instance below the threshold only because of its
+      high-priority headroom is a source only if it runs a normal-priority request
+      (the headroom pushes normal requests away, never high-priority ones);
+    * destinations: ``F >= -threshold``, no memory-driven preemption, and ``F``
+      strictly greater than the source's (no ping-pong between equally loaded
+      instances); a source is never a destination;
     * an instance in ``busy`` (a migration in or out in flight; Llumnix's
-      ``MAX_MIGRATION_CONCURRENCY = 1``) or absent from ``loads`` (dead, draining or no
-      report yet) is neither;
+      ``MAX_MIGRATION_CONCURRENCY = 1``), absent from ``loads`` (dead or no report
+      yet) or draining (``drain_pairs`` empties it) is neither;
     * sources by ascending ``F``, destinations by descending ``F`` (ties by lowest id):
       the i-th source pairs with the i-th destination, so each instance is in at most
       one pair and the most loaded instance meets the freest one.
 
-    Only memory triggers migration. Llumnix also makes an instance with preempted
-    ("killed") requests a source; MLFQ and Apt preempt by design, not only when memory
-    runs short, so that trigger would churn (llumnix.md 4.3, open question). Memory
-    still sees preemption: freeness counts started requests' host-tier KV as used.
+    Only preemptions forced by memory count, not all of them as in Llumnix: MLFQ and
+    Apt preempt by design (quantum expiry, level order, batch choice) with plenty of
+    memory, and that trigger would churn (llumnix.md 4.3). Memory also sees preemption:
+    freeness counts started requests' host-tier KV as used.
     """
     sources: list[tuple[float, int]] = []
     destinations: list[tuple[float, int]] = []
     for instance, load in loads.items():
-        if instance in busy:
+        if instance in busy or load.draining:
             continue
         freeness = load.migration_freeness
-        if freeness < -threshold:
-            if load.num_running:
+        killed = load.num_memory_preempted > 0
+        if killed or freeness < -threshold:
+            if load.num_running and (
+                    killed or load.physical_migration_freeness < -threshold
+                    or load.num_running > load.num_high_running):
                 sources.append((freeness, instance))
         else:
             destinations.append((freeness, instance))
@@ -187,16 +227,18 @@ def drain_pairs(
 ) -> int | None:
     """Where the next request of the ``draining`` instance moves to, or None.
 
-    The instance in ``loads`` (put only those that may receive requests there: alive
-    and not draining themselves, or list the others in ``busy``), other than
-    ``draining`` and not busy, with the highest migration freeness (ties by lowest id),
-    however loaded. None when there is none, or when ``draining`` itself is busy (one
-    migration at a time per instance). Llumnix spreads a terminating instance's
-    requests round-robin; picking the freest instance fills the cluster evenly instead.
+    The instance in ``loads`` other than ``draining``, not busy and not draining itself
+    (``InstanceLoad.draining``; put only instances that may receive requests in
+    ``loads``, or list the others in ``busy``), with the highest migration freeness
+    (ties by lowest id), however loaded. None when there is none, or when ``draining``
+    itself is busy (one migration at a time per instance). Llumnix spreads a
+    terminating instance's requests round-robin; picking the freest instance fills the
+    cluster evenly instead.
     """
     if draining in busy:
         return None
-    candidates = [i for i in loads if i != draining and i not in busy]
+    candidates = [i for i, load in loads.items()
+                  if i != draining and i not in busy and not load.draining]
     if not candidates:
         return None
     return min(candidates, key=lambda i: (-loads[i].migration_freeness, i))
@@ -211,6 +253,7 @@ class MigrationCandidate:
     num_blocks: int  # KV blocks it holds (on its tier)
     on_host: bool  # its KV is on the host tier (preempted by a swap)
     age_s: float  # time since it arrived
+    priority: str = NORMAL_PRIORITY
 
 
 def choose_request(
@@ -220,16 +263,19 @@ def choose_request(
 
     Llumnix's ``REQUEST_MIGRATION_POLICY`` (llumnix.md 1.4), ties by ``request_id``:
     ``SR`` the shortest running request (fewest tokens; the default, cheapest to copy),
-    ``LR`` the longest, ``LCR`` the last come (smallest age). The tier plays no part,
-    as in Llumnix, though a host-tier request moves in one stage with no downtime.
+    ``LR`` the longest, ``LCR`` the last come (smallest age). Normal-priority requests
+    come before high-priority ones (the paper's source prefers lower priority), so a
+    high-priority request moves only from an instance running no normal one. The tier
+    plays no part, as in Llumnix, though a host-tier request moves in one stage with
+    no downtime.
     """
     if policy not in REQUEST_POLICIES:
         raise ValueError(
             f"unknown request migration policy {policy!r}; choices: {list(REQUEST_POLICIES)}"
         )
     keys = {
-        "SR": lambda c: (c.num_tokens, c.request_id),
-        "LR": lambda c: (-c.num_tokens, c.request_id),
-        "LCR": lambda c: (c.age_s, c.request_id),
+        "SR": lambda c: (c.priority == HIGH_PRIORITY, c.num_tokens, c.request_id),
+        "LR": lambda c: (c.priority == HIGH_PRIORITY, -c.num_tokens, c.request_id),
+        "LCR": lambda c: (c.priority == HIGH_PRIORITY, c.age_s, c.request_id),
     }
     return min(candidates, key=keys[policy], default=None)

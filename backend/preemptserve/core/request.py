@@ -45,6 +45,21 @@ class CacheMode(enum.Enum):
     HIDDEN = "hidden"
 
 
+# Request priorities (the ``priority`` request parameter). High-priority requests get
+# memory headroom in the cluster's load reports (``core/scheduler/load.py``) and go first
+# among equals in the local policies.
+PRIORITIES = ("high", "normal")
+HIGH_PRIORITY = "high"
+NORMAL_PRIORITY = "normal"
+
+
+def check_priority(priority: str) -> str:
+    """``priority`` if it is one of ``PRIORITIES``; else ``ValueError`` naming them."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be 'high' or 'normal', got {priority!r}")
+    return priority
+
+
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -127,6 +142,8 @@ class Request:
     # Latency objectives (seconds) of this request; None: the policy's defaults.
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # "high" or "normal" (``PRIORITIES``).
+    priority: str = NORMAL_PRIORITY
     # Attached by the engine (opaque here: no torch in the core): the request's sampling
     # RNG (None when greedy) and its incremental detokenizer.
     generator: Any = field(default=None, repr=False)
@@ -160,6 +177,10 @@ class Request:
     def finish_reason(self) -> str | None:
         """``stop``, ``length``, ``abort`` or ``error`` once finished, else None."""
         return FINISH_REASONS.get(self.status)
+
+    @property
+    def is_high_priority(self) -> bool:
+        return self.priority == HIGH_PRIORITY
 
     @property
     def hidden(self) -> bool:

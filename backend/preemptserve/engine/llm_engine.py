@@ -16,7 +16,14 @@ from ..config import EngineConfig
 from ..core.block_manager import BlockManager
 from ..core.cache_sizes import pool_sizes
 from ..core.cost_model import CostModel
-from ..core.request import CacheMode, Request, RequestStatus, SamplingParams
+from ..core.request import (
+    NORMAL_PRIORITY,
+    CacheMode,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    check_priority,
+)
 from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
@@ -203,14 +210,17 @@ class LLMEngine(RequestMigration):
         *,
         echo_prompt: bool = False,
         stream: bool = True,
+        priority: str = NORMAL_PRIORITY,
     ) -> None:
         """Validate and queue a request. Raises ``ValueError`` with a user-facing message.
 
         ``cache_mode`` is the request's starting mode; the policy may change it later.
         ``ttft_slo_s`` / ``tbt_slo_s`` override the configured latency objectives.
         ``echo_prompt``: the output text starts with the prompt. ``stream=False``: every
-        output but the last has empty text, and the last has all of it.
+        output but the last has empty text, and the last has all of it. ``priority``:
+        "high" or "normal" (``core/request.py``).
         """
+        check_priority(priority)
         if request_id in self.scheduler.requests or request_id in self.scheduler.detached:
             raise ValueError(f"duplicate request id {request_id!r}")
         if cache_mode is CacheMode.HIDDEN and not self.block_manager.supports_hidden:
@@ -242,6 +252,7 @@ class LLMEngine(RequestMigration):
             cache_mode=cache_mode,
             ttft_slo_s=ttft_slo_s,
             tbt_slo_s=tbt_slo_s,
+            priority=priority,
             generator=new_generator(sampling, self.device),
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, sampling.stop,

@@ -47,6 +47,8 @@ class RequestSnapshot:
     # holds no cache (never started, or preempted by recomputation).
     on_host: bool = False
     num_blocks: int = 0
+    # Last, with a default: a snapshot made before priorities existed reads "normal".
+    priority: str = "normal"
 
     @classmethod
     def of(cls, request: Request, now_s: float, generator_state: bytes | None, policy: str,
@@ -70,6 +72,7 @@ class RequestSnapshot:
             policy_state=policy_state,
             on_host=on_host,
             num_blocks=num_blocks,
+            priority=request.priority,
         )
 
     def to_request(self, now_s: float) -> Request:
@@ -87,6 +90,7 @@ class RequestSnapshot:
             cache_mode=self.cache_mode,
             ttft_slo_s=self.ttft_slo_s,
             tbt_slo_s=self.tbt_slo_s,
+            priority=self.priority,
         )
 
 

@@ -83,6 +83,7 @@ class _Submission:
     tbt_slo_s: float | None = None
     echo_prompt: bool = False
     stream: bool = True
+    priority: str = "normal"
     stage: _Stage = _Stage.SUBMITTED  # under EngineLoop._lock
     polling: bool = False  # sender thread only: is_cancelled() is still asked
 
@@ -150,11 +151,13 @@ class EngineLoop:
         echo_prompt: bool = False,
         stream: bool = True,
         request_id: str | None = None,
+        priority: str = "normal",
     ) -> str:
         """Queue a request; returns its id (``request_id``, or a new one). Never raises
         for bad input.
 
-        ``echo_prompt`` and ``stream`` shape the outputs' text (``LLMEngine.add_request``).
+        ``echo_prompt`` and ``stream`` shape the outputs' text (``LLMEngine.add_request``);
+        ``priority`` is "high" or "normal".
 
         Raises ``QueueFullError`` (nothing else happens: no callback, no trace of the
         request) when ``max_queue_size`` requests are waiting. After shutdown the request
@@ -162,7 +165,7 @@ class EngineLoop:
         """
         request_id = request_id or uuid.uuid4().hex
         sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
-                          ttft_slo_s, tbt_slo_s, echo_prompt, stream)
+                          ttft_slo_s, tbt_slo_s, echo_prompt, stream, priority)
         with self._lock:
             if self._closed:  # ended at once, never in the table: nothing to poll or leak
                 sub.stage = _Stage.ENDED
@@ -348,7 +351,8 @@ class EngineLoop:
             try:
                 self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
                                         ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s,
-                                        echo_prompt=sub.echo_prompt, stream=sub.stream)
+                                        echo_prompt=sub.echo_prompt, stream=sub.stream,
+                                        priority=sub.priority)
             except ValueError as exc:  # bad input: the message is for the client
                 error = str(exc)
             except Exception:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.request import SamplingParams
+from ..core.request import NORMAL_PRIORITY, PRIORITIES, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,16 @@ class GenerateRequest:
     # Per-request latency objectives (request parameters); None: the model's defaults.
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # "high" or "normal" (request parameter ``request_priority``).
+    priority: str = NORMAL_PRIORITY
 
 
 # Request parameters (not tensors) this model reads: name -> GenerateRequest field.
 SLO_PARAMETERS = {"ttft_slo_ms": "ttft_slo_s", "tbt_slo_ms": "tbt_slo_s"}
+# The request's priority, "high" or "normal". Not ``priority``: Triton reserves that name
+# for its own integer priority (dynamic batcher queues), rejects a string there and never
+# hands it to the model.
+PRIORITY_PARAMETER = "request_priority"
 
 
 class InvalidRequest(ValueError):
@@ -73,14 +79,24 @@ def _slo_seconds(parameters: Mapping[str, object], name: str) -> float | None:
     return milliseconds / 1000.0
 
 
+def _priority(parameters: Mapping[str, object]) -> str:
+    value = parameters.get(PRIORITY_PARAMETER)
+    if value is None:
+        return NORMAL_PRIORITY
+    if not isinstance(value, str) or value.strip().lower() not in PRIORITIES:
+        raise InvalidRequest(f"request parameter '{PRIORITY_PARAMETER}' must be \"high\" or "
+                             f"\"normal\", got {value!r}")
+    return value.strip().lower()
+
+
 def parse_generate_request(
     inputs: Mapping[str, np.ndarray | None], *, default_exclude_input: bool,
     parameters: Mapping[str, object] | None = None,
 ) -> GenerateRequest:
     """Validate the tensors and parameters of one request.
 
-    ``parameters`` are the request's Triton parameters (``ttft_slo_ms``, ``tbt_slo_ms``;
-    others are ignored). Raises ``InvalidRequest`` with a clear message.
+    ``parameters`` are the request's Triton parameters (``ttft_slo_ms``, ``tbt_slo_ms``,
+    ``request_priority``; others are ignored). Raises ``InvalidRequest`` with a clear message.
     """
     parameters = parameters or {}
     text = inputs.get("text_input")
@@ -134,6 +150,7 @@ def parse_generate_request(
             opt("exclude_input_in_output", "b", "a boolean (BOOL)", default_exclude_input)
         ),
         **{field: _slo_seconds(parameters, name) for name, field in SLO_PARAMETERS.items()},
+        priority=_priority(parameters),
     )
 
 

@@ -147,7 +147,7 @@ class TritonPythonModel:
                 self.loop.submit(parsed.prompt, parsed.sampling,
                                  _Responder(sender, parsed.stream),
                                  is_cancelled=sender.is_cancelled, ttft_slo_s=parsed.ttft_slo_s,
-                                 tbt_slo_s=parsed.tbt_slo_s,
+                                 tbt_slo_s=parsed.tbt_slo_s, priority=parsed.priority,
                                  # Like TensorRT-LLM and vLLM backends: the prompt leads
                                  # the text unless excluded.
                                  echo_prompt=not parsed.exclude_input_in_output,

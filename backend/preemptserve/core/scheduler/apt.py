@@ -26,10 +26,18 @@ while the started requests (both tiers) number at most a batch and fit the devic
 a prefill step carries the resident decodes that fit; the hidden option charges its
 slowdown over the request's expected remaining output and is offered only when it gains
 more than it costs.
+
+Priorities (values are unchanged, so the knapsack still weighs pending time): a request
+that must lose its device cache for another is a normal-priority one while any is
+there (then the least valuable); high-priority requests that have not started are
+always among the new requests the prefill knapsack weighs; and among the chosen,
+high-priority requests take the token budget first (after unfinished prefills). With
+every request normal nothing changes.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from ..request import CacheMode, Request
@@ -82,6 +90,8 @@ class AptScheduler(Scheduler):
         # over them), and the ones that have, in the order they started.
         self._arrivals = WaitingArrivals()
         self._started: dict[str, Request] = {}
+        # The high-priority ones among the arrivals, in arrival order.
+        self._high_arrivals: dict[str, Request] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -91,6 +101,8 @@ class AptScheduler(Scheduler):
         if request.first_scheduled_time_s is None:
             arrival_s = self._slo.arrival_s(request.request_id)
             self._arrivals.add(request, arrival_s, arrival_s + self._slo.ttft_slo_s(request))
+            if request.is_high_priority:
+                self._high_arrivals[request.request_id] = request
         else:
             self._started[request.request_id] = request
 
@@ -102,6 +114,8 @@ class AptScheduler(Scheduler):
         self._arrivals.remove(request_id)
         self._started.pop(request_id, None)
         self._slo.remove(request_id)
+        if self._high_arrivals:
+            self._high_arrivals.pop(request_id, None)
 
     def value(self, request: Request, now: float) -> float:
         """Pending time, scaled down once the request can no longer meet its SLO."""
@@ -145,8 +159,7 @@ class AptScheduler(Scheduler):
         # start: the knapsack weighs the most valuable new ones, a few times the room.
         room = self.config.max_batch_size - len(bm.device_owners()) - len(bm.host_owners())
         if room > 0 or not (decodes or prefills):
-            for request in self._arrivals.most_valuable(NEW_CANDIDATES_PER_SLOT
-                                                        * max(room, 1)):
+            for request in self._new_candidates(NEW_CANDIDATES_PER_SLOT * max(room, 1)):
                 values[request.request_id] = self.value(request, now)
                 prefills.append(request)
         self._num_decodes = len(decodes)
@@ -168,6 +181,21 @@ class AptScheduler(Scheduler):
             if request_id in self._arrivals:
                 self._arrivals.remove(request_id)
                 self._started[request_id] = self.requests[request_id]
+                if self._high_arrivals:
+                    self._high_arrivals.pop(request_id, None)
+
+    def _new_candidates(self, num_requests: int) -> list[Request]:
+        """Up to ``num_requests`` never-started requests for the prefill knapsack: the
+        high-priority ones first (in arrival order), then the most valuable others."""
+        if not self._high_arrivals:
+            return list(self._arrivals.most_valuable(num_requests))
+        chosen = list(itertools.islice(self._high_arrivals.values(), num_requests))
+        if len(chosen) < num_requests:
+            # Every high-priority arrival is in ``chosen``: skipping them leaves enough.
+            rest = self._arrivals.most_valuable(num_requests + len(chosen))
+            chosen.extend(itertools.islice(
+                (r for r in rest if not r.is_high_priority), num_requests - len(chosen)))
+        return chosen
 
     def _options(self, request: Request, value: float, num_decodes: int) -> list[Option]:
         """Ways to serve ``request``: its current mode if it has a cache, else KV or hidden."""
@@ -292,7 +320,8 @@ class AptScheduler(Scheduler):
         self.last_num_candidates = len(candidates)
         # Unfinished prefills first (their blocks are spent), then by value.
         chosen = sorted(selection.chosen.items(), key=lambda kv: (
-            not self.requests[kv[0]].num_computed_tokens, -kv[1].value))
+            not self.requests[kv[0]].num_computed_tokens,
+            not self.requests[kv[0]].is_high_priority, -kv[1].value))
         budget = self.config.max_num_batched_tokens
         # Started requests in either tier: no more than a batch's worth, so that decode
         # steps do not rotate a larger started set through the batch by pending time.
@@ -351,9 +380,11 @@ class AptScheduler(Scheduler):
                                       request.hidden)
         if needed > bm.num_free_blocks:
             if self._victims is None:
+                # Popped from the end: normal-priority requests first, least valuable first.
                 self._victims = sorted((rid for rid in bm.device_owners()
                                         if rid not in keep and rid in values),
-                                      key=lambda rid: values[rid], reverse=True)
+                                      key=lambda rid: (self.requests[rid].is_high_priority,
+                                                       values[rid]), reverse=True)
             while bm.num_free_blocks < needed and self._victims:
                 victim_id = self._victims.pop()
                 if bm.has_blocks(victim_id) and victim_id not in plan.selected:

@@ -91,6 +91,17 @@ class Scheduler(ABC):
         # K/V were dropped: work done twice).
         self.num_recomputations_total = 0
         self.num_recomputed_tokens_total = 0
+        # Preemptions forced by memory (a request lost its device KV, swapped out or
+        # dropped for recomputation, because another request needed the blocks in the step
+        # being planned), apart from those a policy makes by design (MLFQ's quantum and
+        # level order, apt's batch choice, proactive offload): what Llumnix's
+        # ``num_killed_requests`` means for vLLM, whose only preemptions are these.
+        self.num_memory_preemptions_total = 0
+        # Requests preempted that way and not scheduled (nor swapped back in) since, in
+        # the order it happened; a dict for its order (the simulator replays identically).
+        self._memory_preempted: dict[str, None] = {}
+        # Detached requests that were among them (restored if their move fails).
+        self._memory_preempted_detached: set[str] = set()
         # Requests and blocks moved between tiers (counted here only).
         self.num_swap_outs = self.num_swap_ins = 0
         self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
@@ -125,6 +136,7 @@ class Scheduler(ABC):
             if detached is None:
                 return None
             request = detached[0]
+            self._memory_preempted_detached.discard(request_id)
             self._insert(request, RequestStatus.MIGRATING)  # finished like any other below
         else:
             self._remove(request)
@@ -153,6 +165,8 @@ class Scheduler(ABC):
         request.status = status
         self.block_manager.free(request_id)
         self._finished_ids.append(request_id)
+        if self._memory_preempted:
+            self._memory_preempted.pop(request_id, None)
         if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self.output_lengths.observe(request.num_output_tokens)
 
@@ -173,6 +187,16 @@ class Scheduler(ABC):
     def num_preempted(self) -> int:
         """Requests that have run and are not in the last planned batch."""
         return self._num_by_status[RequestStatus.PREEMPTED]
+
+    @property
+    def num_memory_preempted(self) -> int:
+        """Requests preempted because device blocks ran out (``_swap_out`` with
+        ``reuse_now``, ``_preempt_by_recompute``) and not scheduled or swapped in since:
+        Llumnix's killed requests, the ones that make an instance a migration source."""
+        return len(self._memory_preempted)
+
+    def is_memory_preempted(self, request_id: str) -> bool:
+        return request_id in self._memory_preempted
 
     # -- the policy ----------------------------------------------------------------------
 
@@ -231,6 +255,8 @@ class Scheduler(ABC):
             return None
         if request.first_scheduled_time_s is None:
             request.first_scheduled_time_s = self.clock()
+        if self._memory_preempted:
+            self._memory_preempted.pop(request_id, None)
         if request.status is not _RUNNING:
             self._set_status(request, _RUNNING)
         num_total = request.num_tokens
@@ -254,16 +280,26 @@ class Scheduler(ABC):
         return self._try_schedule(request, num_tokens, plan)
 
     def _preempt_by_recompute(self, request: Request) -> None:
-        """Drop a request's KV; it will prefill prompt + output again when resumed."""
+        """Drop a request's KV; it will prefill prompt + output again when resumed.
+
+        Every policy does this only when a request it schedules needs the blocks now,
+        so it counts as a preemption forced by memory (``num_memory_preempted``).
+        """
         self.block_manager.free(request.request_id)
         self.num_recomputed_tokens_total += request.num_computed_tokens
         request.num_computed_tokens = 0
         self._set_status(request, RequestStatus.PREEMPTED)
         request.num_preemptions += 1
         self.num_recomputations_total += 1
+        self._memory_preempt(request.request_id)
 
     def _swap_out(self, request: Request, plan: Plan, reuse_now: bool) -> bool:
-        """Move a request's KV to the host tier (it is preempted); False if it cannot."""
+        """Move a request's KV to the host tier (it is preempted); False if it cannot.
+
+        ``reuse_now``: its blocks are needed in the step being planned (another request
+        is scheduled into them): a preemption forced by memory. Otherwise it is a policy's
+        own choice (MLFQ's proactive offload keeping a reserve), not counted as one.
+        """
         pairs = self.block_manager.swap_out(request.request_id, reuse_now=reuse_now)
         if pairs is None:
             return False
@@ -271,13 +307,22 @@ class Scheduler(ABC):
         self.num_swap_outs += 1
         self.num_blocks_swapped_out += len(pairs)
         plan.swap_out.append(BlockSwap(request.request_id, tuple(pairs), blocking=reuse_now))
+        if reuse_now:
+            self._memory_preempt(request.request_id)
         return True
 
+    def _memory_preempt(self, request_id: str) -> None:
+        self.num_memory_preemptions_total += 1
+        self._memory_preempted[request_id] = None
+
     def _swap_in(self, request: Request, plan: Plan) -> None:
-        """Bring a request's KV back to the device; the caller checked there is room."""
+        """Bring a request's KV back to the device; the caller checked there is room.
+        It is no longer preempted for memory (memory has room for it again)."""
         pairs = self.block_manager.swap_in(request.request_id)
         if pairs is None:
             raise RuntimeError(f"swap-in of {request.request_id!r} found no room")
+        if self._memory_preempted:
+            self._memory_preempted.pop(request.request_id, None)
         self.num_swap_ins += 1
         self.num_blocks_swapped_in += len(pairs)
         plan.swap_in.append(BlockSwap(request.request_id, tuple(pairs)))
@@ -357,6 +402,9 @@ class Scheduler(ABC):
         state = self._export_state(request)
         self._remove(request)
         del self.requests[request_id]
+        if request_id in self._memory_preempted:
+            del self._memory_preempted[request_id]
+            self._memory_preempted_detached.add(request_id)
         self._num_by_status[request.status] -= 1
         request.status = RequestStatus.MIGRATING
         self.detached[request_id] = (request, state)
@@ -367,11 +415,15 @@ class Scheduler(ABC):
         request, state = self.detached.pop(request_id)
         self._insert(request, self._resume_status(request))
         self._enqueue(request, state)
+        if request_id in self._memory_preempted_detached:
+            self._memory_preempted_detached.discard(request_id)
+            self._memory_preempted[request_id] = None
         return request
 
     def release_detached(self, request_id: str) -> Request:
         """The move committed: the detached request's blocks are freed here."""
         request, _ = self.detached.pop(request_id)
+        self._memory_preempted_detached.discard(request_id)
         self.block_manager.free(request_id)
         self._finished_ids.append(request_id)
         return request

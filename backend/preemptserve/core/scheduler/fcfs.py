@@ -5,6 +5,12 @@ arrival order while the batch size, the token budget and free blocks allow (long
 are chunked across iterations). When blocks run out, the most recently admitted running
 request is preempted by recomputation and goes back to the head of the waiting queue.
 This is the baseline every other policy is measured against.
+
+Priorities: high-priority requests go first among equals. The running list keeps the
+high-priority requests ahead of the normal ones (each in admission order), so they are
+scheduled first and preempted last; a high-priority request queues ahead of every
+normal one in the waiting queue (in arrival order among high-priority ones). With every
+request normal, both orders are plain admission and arrival order.
 """
 
 from __future__ import annotations
@@ -25,9 +31,27 @@ class FCFSScheduler(Scheduler):
 
     def _enqueue(self, request: Request, state: PolicyState | None) -> None:
         if self.block_manager.has_blocks(request.request_id):
-            self.running.append(request)  # moved here from another engine, cache and all
+            self._run(request)  # moved here from another engine, cache and all
+        elif request.is_high_priority:
+            # Ahead of every normal request, behind the high-priority ones.
+            self.waiting.insert(self._first_normal_waiting(), request)
         else:
             self.waiting.append(request)
+
+    def _first_normal_waiting(self) -> int:
+        """Where the waiting queue's normal-priority requests begin (they follow the
+        high-priority ones)."""
+        return next((i for i, r in enumerate(self.waiting) if not r.is_high_priority),
+                    len(self.waiting))
+
+    def _run(self, request: Request) -> None:
+        """Into the running list: high-priority requests ahead of the normal ones."""
+        running = self.running
+        if request.is_high_priority and running and not running[-1].is_high_priority:
+            index = next(i for i, r in enumerate(running) if not r.is_high_priority)
+            running.insert(index, request)
+        else:
+            running.append(request)
 
     def _remove(self, request: Request) -> None:
         if request in self.running:
@@ -58,9 +82,12 @@ class FCFSScheduler(Scheduler):
             index += 1
 
         plan.preempted.extend(r.request_id for r in preempted)
-        # Earliest-admitted victim ends up first in line.
+        # Earliest-admitted victim ends up first in line (of its priority).
         for victim in preempted:
-            self.waiting.appendleft(victim)
+            if victim.is_high_priority:
+                self.waiting.appendleft(victim)
+            else:
+                self.waiting.insert(self._first_normal_waiting(), victim)
 
         # Admit in arrival order; not in a step that had to preempt (it would thrash).
         while (
@@ -76,7 +103,7 @@ class FCFSScheduler(Scheduler):
             if self._try_schedule(request, num_tokens, plan) is None:
                 break
             self.waiting.popleft()
-            self.running.append(request)
+            self._run(request)
             budget -= num_tokens
 
     def _swap_in_to_admit(self, request: Request, num_tokens: int, plan: Plan) -> bool:

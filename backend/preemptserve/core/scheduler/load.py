@@ -17,6 +17,27 @@ those requests need their blocks on the device again to run. Running requests ar
 started ones (in the batch or preempted); waiting ones have never been scheduled. A
 waiting request needs the blocks of its prompt and first token.
 
+Three more rules of Llumnix's virtual usage:
+
+* **High-priority headroom** (``priority_headroom_blocks``, H): an instance holding any
+  high-priority request (running or waiting) has H blocks fewer available. In the
+  paper's terms each of its ``n`` high-priority requests has virtual usage ``physical +
+  H / n`` (a priority's headroom is split among that priority's requests on the
+  instance), so the instance's sum is ``physical + H`` whatever ``n`` is; an instance
+  with none reserves nothing. Normal requests then see it as loaded: new ones are
+  dispatched elsewhere and running ones migrate away, so the high-priority requests keep
+  room to grow. High-priority requests themselves are dispatched by the freeness without
+  the headroom (``high_priority_dispatch_freeness``), so they gather where high-priority
+  requests already are. (Llumnix's artifact reserves ``total - 100`` blocks: the instance
+  behaves as if it had 100.) The headroom is the global scheduler's setting: an instance
+  reports 0 and the frontend (or the simulator) puts its own in.
+* **Memory-driven preemptions** (``num_memory_preempted``): started requests that lost
+  their device KV because another request needed the blocks, not yet back (Llumnix's
+  killed requests, a migration trigger). A policy's preemptions by design do not count.
+* **A draining instance** (being scaled in) has F = -inf for dispatch and migration:
+  it takes nothing, and everything leaves it (``draining``, set by the global
+  scheduler; Llumnix's terminating instance).
+
 A pure function of the scheduler's state: the server reports it, the simulator and the
 cluster policies compute it the same way.
 """
@@ -26,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..request import RequestStatus
+from ..request import HIGH_PRIORITY, RequestStatus
 from .base import Scheduler
 
 
@@ -38,40 +59,88 @@ class InstanceLoad:
     num_waiting: int  # never scheduled
     head_of_line_blocks: int  # what the first waiting request needs to start
     waiting_blocks: int  # what all waiting requests need to start
+    # Started requests preempted because memory ran out, not back yet (Llumnix's killed).
+    num_memory_preempted: int = 0
+    # High-priority requests among the running and the waiting ones.
+    num_high_running: int = 0
+    num_high_waiting: int = 0
+    # Blocks reserved while the instance holds a high-priority request (the global
+    # scheduler's setting; 0: no headroom).
+    priority_headroom_blocks: int = 0
+    # Being drained (scaled in): infinitely loaded, takes nothing (the global scheduler's).
+    draining: bool = False
+
+    @property
+    def num_high_priority(self) -> int:
+        return self.num_high_running + self.num_high_waiting
+
+    @property
+    def reserved_blocks(self) -> int:
+        """The high-priority headroom, if the instance holds a high-priority request."""
+        return self.priority_headroom_blocks if self.num_high_priority else 0
+
+    @property
+    def physical_available_blocks(self) -> int:
+        return self.num_blocks - self.num_used_blocks
 
     @property
     def available_blocks(self) -> int:
-        return self.num_blocks - self.num_used_blocks
+        """Free blocks by virtual usage: the high-priority headroom is not available."""
+        return self.num_blocks - self.num_used_blocks - self.reserved_blocks
 
     @property
     def migration_freeness(self) -> float:
         """Freeness for migration pairing, with de-fragmentation (Llumnix's default)."""
-        num_requests = self.num_running + (1 if self.num_waiting else 0)
-        if not num_requests:
-            return math.inf
-        return (self.available_blocks - self.head_of_line_blocks) / num_requests
+        return self._migration_freeness(self.available_blocks)
+
+    @property
+    def physical_migration_freeness(self) -> float:
+        """Migration freeness without the high-priority headroom."""
+        return self._migration_freeness(self.physical_available_blocks)
 
     @property
     def dispatch_freeness(self) -> float:
-        """Freeness for dispatching new requests (and for scaling)."""
+        """Freeness for dispatching new (normal-priority) requests."""
+        return self._dispatch_freeness(self.available_blocks)
+
+    @property
+    def high_priority_dispatch_freeness(self) -> float:
+        """Freeness for dispatching a high-priority request: without the headroom."""
+        return self._dispatch_freeness(self.physical_available_blocks)
+
+    def _migration_freeness(self, available: int) -> float:
+        if self.draining:
+            return -math.inf
+        num_requests = self.num_running + (1 if self.num_waiting else 0)
+        if not num_requests:
+            return math.inf
+        return (available - self.head_of_line_blocks) / num_requests
+
+    def _dispatch_freeness(self, available: int) -> float:
+        if self.draining:
+            return -math.inf
         num_requests = self.num_running + self.num_waiting
         if not num_requests:
             return math.inf
-        return (self.available_blocks - self.waiting_blocks) / num_requests
+        return (available - self.waiting_blocks) / num_requests
 
 
-def instance_load(scheduler: Scheduler) -> InstanceLoad:
+def instance_load(scheduler: Scheduler, priority_headroom_blocks: int = 0) -> InstanceLoad:
     bm = scheduler.block_manager
     num_running = num_waiting = head_of_line = waiting_blocks = 0
+    num_high_running = num_high_waiting = 0
     for request in scheduler.requests.values():
+        high = request.priority == HIGH_PRIORITY
         if request.status is RequestStatus.WAITING:
             needed = bm.blocks_for_tokens(request.num_prompt_tokens + 1, request.hidden)
             if not num_waiting:
                 head_of_line = needed
             num_waiting += 1
             waiting_blocks += needed
+            num_high_waiting += high
         else:
             num_running += 1
+            num_high_running += high
     return InstanceLoad(
         num_blocks=bm.num_blocks,
         # Blocks a swap-out vacated are free from the next step on.
@@ -80,4 +149,8 @@ def instance_load(scheduler: Scheduler) -> InstanceLoad:
         num_waiting=num_waiting,
         head_of_line_blocks=head_of_line,
         waiting_blocks=waiting_blocks,
+        num_memory_preempted=scheduler.num_memory_preempted,
+        num_high_running=num_high_running,
+        num_high_waiting=num_high_waiting,
+        priority_headroom_blocks=priority_headroom_blocks,
     )

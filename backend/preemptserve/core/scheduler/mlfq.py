@@ -20,6 +20,12 @@ promoted job keeps its level until it finishes; a job without KV starts only in 
 blocks, while the started jobs (both tiers) fit the device pool outside the reserve and
 number fewer than ``mlfq_max_started_factor x max_batch_size``. Its settings and their
 config.pbtxt parameters: ``MLFQOptions``.
+
+Priorities: within a queue, high-priority jobs go ahead of normal ones (each in their
+order of arrival in the queue): they are tried first when the batch is filled, and a
+high-priority job may evict a normal job of its own queue as it may a later job of it
+(by swapping; recomputation stays for strictly lower queues). Levels, quanta, demotion
+and promotion ignore priority. With every request normal nothing changes.
 """
 
 from __future__ import annotations
@@ -48,9 +54,9 @@ class _Job:
     promoted: bool = False
 
     @property
-    def key(self) -> tuple[int, int]:
-        """Priority: smaller runs first."""
-        return (self.level, self.seq)
+    def key(self) -> tuple[int, bool, int]:
+        """Priority: smaller runs first (high-priority requests first within a level)."""
+        return (self.level, not self.request.is_high_priority, self.seq)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         # Insertion order is idle order: the first entries have waited longest.
         self._idle_since: dict[str, float] = {}
         self._seq = itertools.count()
+        self._num_high_jobs = 0  # jobs of high-priority requests
         self.num_promotions = self.num_demotions = self.num_demotions_declined = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -120,6 +127,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         self._jobs[request.request_id] = job
         self._levels[level][request.request_id] = job
         self._idle_since[request.request_id] = self.clock()
+        self._num_high_jobs += request.is_high_priority
 
     def _export_state(self, request: Request) -> PolicyState:
         job = self._jobs[request.request_id]
@@ -130,6 +138,7 @@ class SkipJoinMLFQScheduler(Scheduler):
         job = self._jobs.pop(request.request_id, None)
         if job is not None:
             del self._levels[job.level][request.request_id]
+            self._num_high_jobs -= request.is_high_priority
         self._running.pop(request.request_id, None)
         self._idle_since.pop(request.request_id, None)
 
@@ -141,8 +150,13 @@ class SkipJoinMLFQScheduler(Scheduler):
         self._levels[level][request_id] = job
 
     def _priority_order(self) -> Iterator[_Job]:
-        for level in self._levels:
-            yield from level.values()
+        if not self._num_high_jobs:
+            for level in self._levels:
+                yield from level.values()
+            return
+        for level in self._levels:  # by ``_Job.key``: high-priority jobs first
+            yield from (job for job in level.values() if job.request.is_high_priority)
+            yield from (job for job in level.values() if not job.request.is_high_priority)
 
     def _promote_starved(self, now: float) -> None:
         threshold = self.options.starvation_threshold_s
