@@ -75,6 +75,10 @@ class TritonPythonModel:
         from preemptserve.engine.tokenizer import TextTokenizer
 
         config = self.config
+        if config.cluster.enable_scaling:  # never silently: the server keeps its count
+            raise pb_utils.TritonModelException(
+                "enable_scaling: auto-scaling is not wired into the server yet (the "
+                "cluster simulator runs it: python -m preemptserve.bench); set it to false")
         self.cluster = RayCluster(config.cluster, config.engine, name=self.model_name)
         tokenizer = TextTokenizer(resolve_model_dir(config.engine.model_dir))
         block_size = config.engine.cache.block_size
