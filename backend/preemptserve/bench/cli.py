@@ -7,6 +7,8 @@ Commands (``--help`` on each for its options):
   policy (restarted with each), one report.
 * ``simulate``: the same workload through the simulator, per policy, with a saved cost
   model (``--profile``).
+* ``simulate-cluster``: the same through the cluster simulator: many instances of each
+  policy behind one frontend (dispatch, live migration; ``sim/cluster.py``).
 * ``profile``: measure this machine's engine (and, with ``--server``, the serving
   overheads through Triton) and save the fitted cost model.
 * ``fidelity``: the same workload on the server and in the simulator, per policy; the
@@ -27,7 +29,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.global_scheduler import DISPATCH_POLICIES
 from ..core.scheduler import available_policies
+from ..sim.cluster import MIGRATION_COST_NAMES
 from . import commands, fidelity, matrix
 from .commands import build_workload
 from .workload import PRESETS
@@ -148,6 +152,36 @@ def parser() -> argparse.ArgumentParser:
         help="check the block manager after every scheduler call (slow)",
     )
 
+    csim = sub.add_parser("simulate-cluster",
+                          help="policies in the cluster simulator (many instances)")
+    add_workload_arguments(csim)
+    add_server_arguments(csim)
+    add_report_arguments(csim, "simulate-cluster")
+    csim.add_argument(
+        "--profile", required=True, help="a cost model JSON, or the name of one in sim/profiles/"
+    )
+    g = csim.add_argument_group("cluster (config.pbtxt's cluster parameters where not given)")
+    g.add_argument("--instances", type=int, default=16, help="engine instances (default 16)")
+    g.add_argument("--dispatch", choices=list(DISPATCH_POLICIES), default=None,
+                   help="dispatch policy (default: dispatch_policy, load)")
+    g.add_argument("--migration", action=argparse.BooleanOptionalAction, default=None,
+                   help="live migration between instances (default: enable_migration, on)")
+    g.add_argument("--migrate-out-threshold", type=float, default=None,
+                   help="a source has fewer free decode steps per request than this "
+                   "(default: migrate_out_threshold, 3)")
+    g.add_argument("--migration-cost", choices=list(MIGRATION_COST_NAMES), default="auto",
+                   help="stage time model: fitted object_store or gloo, or gpu (assumed); "
+                   "auto: gpu for a GPU profile, else migration_transport")
+    g.add_argument("--migration-fixed-s", type=float, default=None,
+                   help="override the stage cost's fixed seconds")
+    g.add_argument("--migration-bytes-per-s", type=float, default=None,
+                   help="override the stage cost's bandwidth")
+    csim.add_argument(
+        "--check-invariants",
+        action="store_true",
+        help="check every block manager after every event (slow)",
+    )
+
     prof = sub.add_parser("profile", help="fit this machine's cost model")
     add_server_arguments(prof)
     prof.add_argument(
@@ -226,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "serve-compare": commands.serve_compare,
         "simulate": commands.simulate,
+        "simulate-cluster": commands.simulate_cluster,
         "profile": commands.profile,
         "fidelity": fidelity.fidelity,
         "sweep": commands.sweep,

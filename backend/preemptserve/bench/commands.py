@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import serving_config_from_parameters
+from ..sim.cluster import ClusterSimConfig, ClusterSimulator
 from ..sim.cost_model import IterationCostModel, load_profile
 from ..sim.simulator import SimConfig, Simulator
 from .metrics import SLO, RequestTimeline, effective_throughput, summarize
@@ -147,6 +148,58 @@ def run_in_sim(
     }
 
 
+def cluster_parameters_for(args: argparse.Namespace, policy: str) -> dict[str, str]:
+    """``parameters_for``, then the cluster flags of ``simulate-cluster`` where given."""
+    params = parameters_for(args, policy)
+    params["num_instances"] = str(args.instances)
+    if args.dispatch is not None:
+        params["dispatch_policy"] = args.dispatch
+    if args.migration is not None:
+        params["enable_migration"] = "true" if args.migration else "false"
+    if args.migrate_out_threshold is not None:
+        params["migrate_out_threshold"] = str(args.migrate_out_threshold)
+    return params
+
+
+def run_in_cluster_sim(
+    args: argparse.Namespace,
+    workload: Workload,
+    policy: str,
+    cost_model: IterationCostModel,
+    slo: SLO | None,
+    label: str,
+    noise_seed: int = 0,
+) -> tuple[list[RequestTimeline], dict[str, Any]]:
+    """One run of the cluster simulator (``sim/cluster.py``) with ``policy`` on every
+    instance; the entry has the cluster's own metrics under ``cluster``."""
+    config = ClusterSimConfig.from_parameters(
+        cluster_parameters_for(args, policy), cost_model,
+        getattr(args, "migration_cost", "auto"), getattr(args, "check_invariants", False))
+    stage_cost = config.migration_cost
+    if getattr(args, "migration_fixed_s", None) is not None:
+        stage_cost = dataclasses.replace(stage_cost, fixed_s=args.migration_fixed_s,
+                                         source="--migration-fixed-s")
+    if getattr(args, "migration_bytes_per_s", None) is not None:
+        stage_cost = dataclasses.replace(stage_cost, bytes_per_s=args.migration_bytes_per_s,
+                                         source="--migration-bytes-per-s")
+    config = dataclasses.replace(
+        config, migration_cost=stage_cost,
+        instance=dataclasses.replace(config.instance, noise_seed=noise_seed))
+    bar = _progress(len(workload), label, getattr(args, "no_progress", False))
+    result = ClusterSimulator(config, cost_model, workload, slo).run(on_finish=bar.update)
+    bar.close()
+    timelines = result.timelines()
+    logger.info("%s: %d requests on %d instances simulated in %.2f s", label, len(timelines),
+                result.num_instances, result.wall_s)
+    return timelines, {
+        "policy": policy,
+        "backend": "sim-cluster",
+        "summary": summarize(timelines, slo),
+        "counters": result.counters(),
+        "cluster": result.cluster_summary(),
+    }
+
+
 def _with_servers(
     args: argparse.Namespace, body: Callable[[str, Any], None], errors: dict[str, str] | None = None
 ) -> None:
@@ -235,6 +288,23 @@ def simulate(args: argparse.Namespace) -> int:
     cdfs: dict[str, list[RequestTimeline]] = {}
     for policy in args.policies:
         cdfs[policy], result["runs"][policy] = run_in_sim(
+            args, workload, policy, cost_model, slo, policy
+        )
+    _write(result, args.out, cdfs if len(workload) <= 20_000 else {})
+    return 0
+
+
+def simulate_cluster(args: argparse.Namespace) -> int:
+    workload, slo = build_workload(args), slo_of(args)
+    cost_model = load_profile(args.profile)
+    result = workload_result(
+        "simulate-cluster", args, workload, slo,
+        ("profile", "instances", "dispatch", "migration", "migrate_out_threshold",
+         "migration_cost", "migration_fixed_s", "migration_bytes_per_s", "param",
+         "policy_param"), runs={})
+    cdfs: dict[str, list[RequestTimeline]] = {}
+    for policy in args.policies:
+        cdfs[policy], result["runs"][policy] = run_in_cluster_sim(
             args, workload, policy, cost_model, slo, policy
         )
     _write(result, args.out, cdfs if len(workload) <= 20_000 else {})

@@ -3,7 +3,8 @@
 A result is a plain dict::
 
     {"kind", "date", "command", "machine", "workload", "parameters", "slo",
-     "runs": {label: {"policy", "backend": "server" | "sim", "summary", "counters"}},
+     "runs": {label: {"policy", "backend": "server" | "sim" | "sim-cluster", "summary",
+                      "counters", "cluster"}},      # "cluster": simulate-cluster's only
      "fidelity": [...], "sweep": [...]}      # the last two only for those commands
 
 The ``matrix`` command's result has ``capacity``, ``cells``, ``targets`` and ``misses``
@@ -140,6 +141,48 @@ def runs_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
     return table(headers, rows)
 
 
+def cluster_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The cluster simulator's own metrics (``sim/cluster.py`` defines each)."""
+    headers = [
+        "run",
+        "instances",
+        "dispatch",
+        "migrations started",
+        "committed",
+        "aborted src / dst",
+        "mean downtime ms",
+        "P99 downtime ms",
+        "preempted s / request",
+        "recomputed tokens",
+        "fragmented ticks",
+        "fragmented free blocks",
+        "instance-seconds",
+    ]
+    rows = []
+    for label, run in runs.items():
+        c = run.get("cluster")
+        if not c:
+            continue
+        m, d, f = c["migrations"], c["downtime_s"], c["fragmentation"]
+        loss = c["preemption_loss"]
+        rows.append([
+            label,
+            str(c["num_instances"]),
+            c["dispatch_policy"] + ("" if c["enable_migration"] else ", no migration"),
+            str(m["started"]),
+            str(m["committed"]),
+            f"{m['aborted_src']} / {m['aborted_dst']}",
+            _s(d["mean"], 1e3, 1),
+            _s(d["p99"], 1e3, 1),
+            _s(loss["preempted_s_per_request"]),
+            str(loss["recomputed_tokens"]),
+            _s(f["fragmented_tick_share"], 100, 1) + "%",
+            _s(f["fragmented_free_block_share"], 100, 2) + "%",
+            _s(c["instance_seconds"], 1, 1),
+        ])
+    return table(headers, rows)
+
+
 def speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
     headers = ["policy", "speed factor", "sim mean JCT s", "error", "sim P99 JCT s", "error"]
     body = []
@@ -237,6 +280,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         )
     if result.get("runs"):
         parts += ["", runs_table(result["runs"])]
+        if any(run.get("cluster") for run in result["runs"].values()):
+            parts += ["", "## Cluster", "", cluster_table(result["runs"])]
         counters = {k: v.get("counters") for k, v in result["runs"].items() if v.get("counters")}
         if counters:
             parts += [

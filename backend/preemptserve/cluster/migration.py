@@ -23,7 +23,9 @@ The two sides are endpoints (``MigrationSource``, ``MigrationDestination``), eac
 one call per side: an ``LLMEngine`` is both (two engines in one process, driven from one
 thread, the transport a function call); a cluster instance wraps them so that each call
 runs on its engine's thread between two steps, the destination in another process
-(``cluster/instance.py``).
+(``cluster/instance.py``); the cluster simulator's endpoints are a scheduler and block
+manager with no data (``sim/cluster.py``), which runs each stage's two halves
+(``begin_stage``, ``end_stage``) at different virtual times, the copy between them.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..engine.migration import RequestSnapshot, StageOut
+if TYPE_CHECKING:  # annotations only: the simulator runs this without torch
+    from ..engine.migration import RequestSnapshot, StageOut
 
 # Block data of every rank (``StageOut.data``) from source to destination; in one
 # process, the identity.
@@ -89,12 +92,15 @@ class StagedMigration:
 
     def __init__(self, source: MigrationSource, destination: MigrationDestination,
                  request_id: str, config: MigrationConfig | None = None,
-                 transport: Transport = lambda data: data) -> None:
+                 transport: Transport = lambda data: data,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock``: the time downtime is measured in (the source's ``stopped_s``)."""
         self.source = source
         self.destination = destination
         self.request_id = request_id
         self.config = config or MigrationConfig()
         self.transport = transport
+        self.clock = clock
         self._num_preemptions: int | None = None  # as of the first stage
         self._sent: tuple[int, ...] = ()  # source blocks copied so far, in table order
         self._on_host = False
@@ -104,17 +110,29 @@ class StagedMigration:
 
     def step(self) -> MigrationResult | None:
         """Run one stage; the result once the move committed or aborted, else None."""
+        out = self.begin_stage()
+        return self.result if out is None else self.end_stage(out)
+
+    def begin_stage(self) -> StageOut | None:
+        """The source's half of the next stage: its checks, the blocks to copy (and on the
+        last stage the stop). None if the move ended instead (``result``)."""
         if self.result is not None:
-            return self.result
+            return None
         if self.num_stages >= self.config.max_stages:
-            return self._abort(MigrationStatus.ABORTED_SRC,
-                               f"not done in {self.config.max_stages} stages")
+            self._abort(MigrationStatus.ABORTED_SRC, f"not done in {self.config.max_stages} stages")
+            return None
         self.num_stages += 1
         out = self.source.stage_out(self.request_id, self._sent, self._on_host,
                                     self._num_preemptions, self.config.last_stage_max_blocks)
         if out.reason:
-            return self._abort(MigrationStatus.ABORTED_SRC, out.reason)
+            self._abort(MigrationStatus.ABORTED_SRC, out.reason)
+            return None
         self._num_preemptions = out.num_preemptions
+        return out
+
+    def end_stage(self, out: StageOut) -> MigrationResult | None:
+        """The rest of the stage ``begin_stage`` returned: the data to the destination,
+        its half, and the commit after the last stage. The result once the move ended."""
         reason = self.destination.stage_in(self.request_id, out.on_host,
                                            self.transport(out.data), len(out.block_ids),
                                            out.snapshot)
@@ -127,7 +145,7 @@ class StagedMigration:
         self._num_bytes += sum(_nbytes(rank_data) for rank_data in out.data)
         if out.snapshot is None:
             return None
-        downtime_s = time.perf_counter() - out.stopped_s
+        downtime_s = self.clock() - out.stopped_s
         if not self.source.end_export(self.request_id, committed=True):
             # Its client cancelled it while it was stopped: end the copy too.
             self.destination.abort_request(self.request_id)

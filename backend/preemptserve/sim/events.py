@@ -8,6 +8,12 @@ Events are ordered by the key ``(time_s, kind, seq)``:
    (``ARRIVAL``), then the next iteration is planned (``STEP``). This is the engine
    loop's own order: ``step()`` returns, the loop drains its inbox, ``step()`` again; a
    request arriving exactly when an iteration ends is seen by the next plan.
+
+   The cluster simulator (``sim/cluster.py``) adds two kinds between them: a migration
+   stage's copy ends (``STAGE_END``) right after iterations end, and the polling tick
+   (``TICK``: load reports, then migration pairing) comes next, so that a report at an
+   instant includes everything that ended then, and a request arriving at that instant
+   is dispatched on it.
 3. ``seq``: the order of ``push`` calls, so equal events keep insertion (FIFO) order and
    the payloads themselves are never compared.
 """
@@ -22,8 +28,10 @@ from typing import Any
 
 class EventKind(enum.IntEnum):
     ITERATION_END = 0
-    ARRIVAL = 1
-    STEP = 2
+    STAGE_END = 1  # cluster: a migration stage's copy is done
+    TICK = 2  # cluster: load reports and migration pairing (every polling interval)
+    ARRIVAL = 3
+    STEP = 4
 
 
 class EventQueue:

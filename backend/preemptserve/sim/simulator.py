@@ -155,22 +155,17 @@ class SimResult:
         } | {"num_rejected": len(self.rejected)}
 
 
-class Simulator:
-    def __init__(
-        self,
-        config: SimConfig,
-        cost_model: IterationCostModel,
-        workload: Any,
-        slo: SLO | None = None,
-    ) -> None:
-        """``slo``: set on every request as its own objectives (as the load generator
-        sends ``ttft_slo_ms`` / ``tbt_slo_ms``); None leaves the policy's defaults."""
+class SimInstance:
+    """One simulated engine: the real scheduler and block manager on an injected clock, and
+    the cost model's iteration time (with its seeded noise). ``Simulator`` drives one;
+    ``sim/cluster.py``'s ``ClusterSimulator`` drives many on one event queue."""
+
+    def __init__(self, config: SimConfig, cost_model: IterationCostModel,
+                 clock: Callable[[], float], noise_seed: int | None = None) -> None:
+        """``noise_seed``: seeds the iteration-time noise (default ``config.noise_seed``)."""
         self.config = config
         self.cost_model = cost_model
-        self.workload = workload
-        self.slo = slo
-        self.now_s = 0.0
-        self._noise = random.Random(config.noise_seed)
+        self._noise = random.Random(config.noise_seed if noise_seed is None else noise_seed)
         self._trace_pos: int | None = None  # where the noise trace is replayed from
         self.block_manager = BlockManager(
             config.num_blocks,
@@ -182,118 +177,68 @@ class Simulator:
         self.scheduler = create_scheduler(
             config.scheduler,
             self.block_manager,
-            clock=lambda: self.now_s,
+            clock=clock,
             cost_model=cost_model if needs_model else None,
         )
+        # What this engine did (``SimResult``'s counters of the same names).
+        self.num_iterations = 0
+        self.busy_s = 0.0
+        self.swap_s = 0.0
+        self.num_hidden_tokens = 0
+        self._empty_in_a_row = 0
 
-    def run(self, on_finish: Callable[[int], None] | None = None) -> SimResult:
-        """Simulate the whole workload; ``on_finish(n)`` after each ``n`` finishes."""
-        wall_start = time.perf_counter()
-        cost, sched, bm, cfg = self.cost_model, self.scheduler, self.block_manager, self.config
-        events = EventQueue()
-        specs = self.workload.requests
-        for spec in specs:
-            events.push(spec.arrival_time_s + cost.request_latency_s, EventKind.ARRIVAL, spec)
-        # Indexed by position; ``_admit`` looks requests up by ``spec.index``.
-        if any(spec.index != i for i, spec in enumerate(specs)):
-            raise ValueError("workload request indices must be 0, 1, 2, ... in order")
-        tracked = [_Tracked(s.index, s.arrival_time_s, s.input_tokens) for s in specs]
-        by_id: dict[str, _Tracked] = {}
-        result = SimResult(cfg.scheduler.policy, tracked, {}, [])
-        inbox: list[Any] = []
-        busy = False  # an iteration is in flight or a STEP is queued
-        empty_in_a_row = 0
-        response_latency_s = cost.response_latency_s
-        while events:
-            now, kind, payload = events.pop()
-            self.now_s = now
-            if kind is EventKind.ARRIVAL:
-                inbox.append(payload)
-                if not busy:
-                    busy = True
-                    events.push(now, EventKind.STEP)
-            elif kind is EventKind.STEP:
-                for spec in inbox:
-                    self._admit(spec, tracked, by_id, result)
-                inbox.clear()
-                if not sched.has_unfinished():
-                    busy = False
-                    continue
-                output = sched.schedule()
-                if cfg.check_invariants:
-                    bm.check_invariants()
-                duration_s, swap_s = self._iteration_time_s(output)
-                result.num_iterations += 1
-                result.busy_s += duration_s
-                result.swap_s += swap_s
-                result.num_hidden_tokens += sum(
-                    item.num_tokens for item in output.scheduled if item.hidden)
-                empty_in_a_row = empty_in_a_row + 1 if output.is_empty else 0
-                if empty_in_a_row > _MAX_EMPTY_ITERATIONS:
-                    raise RuntimeError(
-                        f"{cfg.scheduler.policy}: the scheduler planned "
-                        f"{_MAX_EMPTY_ITERATIONS} empty iterations in a row"
-                    )
-                events.push(now + duration_s, EventKind.ITERATION_END, (output, duration_s))
-            else:
-                output, duration_s = payload
-                sampled = {item.request_id: _TOKEN_ID for item in output.scheduled if item.sample}
-                finished = sched.update_from_output(output, sampled, duration_s)
-                if cfg.check_invariants:
-                    bm.check_invariants()
-                emitted_s = now + response_latency_s
-                for request_id in sampled:
-                    by_id[request_id].token_times_s.append(emitted_s)
-                for request in finished:
-                    result.max_recomputations_per_request = max(
-                        result.max_recomputations_per_request, request.num_preemptions)
-                    t = by_id.pop(request.request_id)
-                    result.finish_s[t.index] = emitted_s
-                    if on_finish is not None:
-                        on_finish(1)
-                events.push(now, EventKind.STEP)
-        result.num_preemptions = sched.num_preemptions_total
-        result.num_recomputations = sched.num_recomputations_total
-        result.num_recomputed_tokens = sched.num_recomputed_tokens_total
-        result.num_swap_outs, result.num_swap_ins = sched.num_swap_outs, sched.num_swap_ins
-        result.num_blocks_swapped_out = sched.num_blocks_swapped_out
-        result.num_blocks_swapped_in = sched.num_blocks_swapped_in
-        result.end_s = self.now_s
-        result.wall_s = time.perf_counter() - wall_start
-        if by_id:
-            raise RuntimeError(f"{len(by_id)} requests never finished")
-        return result
+    def plan(self) -> tuple[SchedulerOutput, float]:
+        """``schedule()`` one iteration; returns it with its modelled duration."""
+        output = self.scheduler.schedule()
+        if self.config.check_invariants:
+            self.block_manager.check_invariants()
+        duration_s, swap_s = self.iteration_time_s(output)
+        self.num_iterations += 1
+        self.busy_s += duration_s
+        self.swap_s += swap_s
+        self.num_hidden_tokens += sum(item.num_tokens for item in output.scheduled if item.hidden)
+        self._empty_in_a_row = self._empty_in_a_row + 1 if output.is_empty else 0
+        if self._empty_in_a_row > _MAX_EMPTY_ITERATIONS:
+            raise RuntimeError(
+                f"{self.config.scheduler.policy}: the scheduler planned "
+                f"{_MAX_EMPTY_ITERATIONS} empty iterations in a row"
+            )
+        return output, duration_s
 
-    def _admit(
-        self, spec: Any, tracked: list[_Tracked], by_id: dict[str, _Tracked], result: SimResult
-    ) -> None:
-        """The serving loop's queue limit, ``LLMEngine.add_request``'s checks, then the
-        scheduler's."""
-        max_queue_size = self.config.max_queue_size
-        if max_queue_size and self.scheduler.num_waiting >= max_queue_size:
-            result.rejected.append(spec.index)
-            result.num_queue_full += 1
-            return
+    def finish(self, output: SchedulerOutput,
+               duration_s: float) -> tuple[dict[str, int], list[Request]]:
+        """The iteration's results: (tokens sampled by request id, requests finished)."""
+        sampled = {item.request_id: _TOKEN_ID for item in output.scheduled if item.sample}
+        finished = self.scheduler.update_from_output(output, sampled, duration_s)
+        if self.config.check_invariants:
+            self.block_manager.check_invariants()
+        return sampled, finished
+
+    def admit(self, request: Request) -> bool:
+        """``LLMEngine.add_request``'s length check, then the scheduler's; False: rejected."""
         max_len = self.config.max_model_len
-        if max_len is not None and spec.input_tokens + spec.output_tokens > max_len:
-            result.rejected.append(spec.index)
-            return
-        request = Request(
-            request_id=str(spec.index),
-            prompt_token_ids=[_TOKEN_ID] * spec.input_tokens,
-            sampling=SamplingParams(
-                max_tokens=spec.output_tokens, min_length=spec.output_tokens, temperature=0.0
-            ),
-            arrival_time_s=self.now_s,
-        )
-        if self.slo is not None:
-            request.ttft_slo_s, request.tbt_slo_s = self.slo.ttft_s, self.slo.tbt_s
+        if max_len is not None and request.max_total_tokens > max_len:
+            return False
         try:
             self.scheduler.add_request(request)
         except ValueError:
-            result.rejected.append(spec.index)
-            return
-        by_id[request.request_id] = tracked[spec.index]  # positions: see run()
+            return False
+        return True
+
+    def add_counters(self, result: SimResult) -> None:
+        """Add this engine's counters to ``result``'s."""
+        sched = self.scheduler
+        result.num_iterations += self.num_iterations
+        result.busy_s += self.busy_s
+        result.swap_s += self.swap_s
+        result.num_hidden_tokens += self.num_hidden_tokens
+        result.num_preemptions += sched.num_preemptions_total
+        result.num_recomputations += sched.num_recomputations_total
+        result.num_recomputed_tokens += sched.num_recomputed_tokens_total
+        result.num_swap_outs += sched.num_swap_outs
+        result.num_swap_ins += sched.num_swap_ins
+        result.num_blocks_swapped_out += sched.num_blocks_swapped_out
+        result.num_blocks_swapped_in += sched.num_blocks_swapped_in
 
     def _noise_factor(self) -> float:
         """The next iteration's measured / modelled time ratio: the next value of the noise
@@ -309,7 +254,7 @@ class Simulator:
             self._trace_pos = (self._trace_pos + 1) % len(trace)
         return trace[self._trace_pos]
 
-    def _iteration_time_s(self, output: SchedulerOutput) -> tuple[float, float]:
+    def iteration_time_s(self, output: SchedulerOutput) -> tuple[float, float]:
         """(iteration time, of which swaps) for one planned iteration."""
         cost = self.cost_model
         compute_s = cost.iteration_time_s(batch_shape(output))
@@ -329,3 +274,117 @@ class Simulator:
             waited = [*output.swap_out, *output.swap_in]
         swap_s = sum(cost.swap_time_s(s.num_blocks * block_bytes) for s in waited)
         return compute_s + swap_s, swap_s
+
+
+def new_request(spec: Any, now_s: float, slo: SLO | None) -> Request:
+    """The engine's request for a workload entry (the simulated model samples
+    ``_TOKEN_ID``, never an end id: it ends at ``max_tokens``)."""
+    request = Request(
+        request_id=str(spec.index),
+        prompt_token_ids=[_TOKEN_ID] * spec.input_tokens,
+        sampling=SamplingParams(
+            max_tokens=spec.output_tokens, min_length=spec.output_tokens, temperature=0.0
+        ),
+        arrival_time_s=now_s,
+    )
+    if slo is not None:
+        request.ttft_slo_s, request.tbt_slo_s = slo.ttft_s, slo.tbt_s
+    return request
+
+
+class Simulator:
+    def __init__(
+        self,
+        config: SimConfig,
+        cost_model: IterationCostModel,
+        workload: Any,
+        slo: SLO | None = None,
+    ) -> None:
+        """``slo``: set on every request as its own objectives (as the load generator
+        sends ``ttft_slo_ms`` / ``tbt_slo_ms``); None leaves the policy's defaults."""
+        self.config = config
+        self.cost_model = cost_model
+        self.workload = workload
+        self.slo = slo
+        self.now_s = 0.0
+        self.instance = SimInstance(config, cost_model, clock=lambda: self.now_s)
+        self.block_manager = self.instance.block_manager
+        self.scheduler = self.instance.scheduler
+
+    def run(self, on_finish: Callable[[int], None] | None = None) -> SimResult:
+        """Simulate the whole workload; ``on_finish(n)`` after each ``n`` finishes."""
+        wall_start = time.perf_counter()
+        cost, sched, cfg, engine = self.cost_model, self.scheduler, self.config, self.instance
+        events = EventQueue()
+        specs = self.workload.requests
+        for spec in specs:
+            events.push(spec.arrival_time_s + cost.request_latency_s, EventKind.ARRIVAL, spec)
+        # Indexed by position; ``_admit`` looks requests up by ``spec.index``.
+        if any(spec.index != i for i, spec in enumerate(specs)):
+            raise ValueError("workload request indices must be 0, 1, 2, ... in order")
+        tracked = [_Tracked(s.index, s.arrival_time_s, s.input_tokens) for s in specs]
+        by_id: dict[str, _Tracked] = {}
+        result = SimResult(cfg.scheduler.policy, tracked, {}, [])
+        inbox: list[Any] = []
+        busy = False  # an iteration is in flight or a STEP is queued
+        response_latency_s = cost.response_latency_s
+        while events:
+            now, kind, payload = events.pop()
+            self.now_s = now
+            if kind is EventKind.ARRIVAL:
+                inbox.append(payload)
+                if not busy:
+                    busy = True
+                    events.push(now, EventKind.STEP)
+            elif kind is EventKind.STEP:
+                for spec in inbox:
+                    self._admit(spec, tracked, by_id, result)
+                inbox.clear()
+                if not sched.has_unfinished():
+                    busy = False
+                    continue
+                output, duration_s = engine.plan()
+                events.push(now + duration_s, EventKind.ITERATION_END, (output, duration_s))
+            else:
+                output, duration_s = payload
+                sampled, finished = engine.finish(output, duration_s)
+                emitted_s = now + response_latency_s
+                for request_id in sampled:
+                    by_id[request_id].token_times_s.append(emitted_s)
+                for request in finished:
+                    result.max_recomputations_per_request = max(
+                        result.max_recomputations_per_request, request.num_preemptions)
+                    t = by_id.pop(request.request_id)
+                    result.finish_s[t.index] = emitted_s
+                    if on_finish is not None:
+                        on_finish(1)
+                events.push(now, EventKind.STEP)
+        engine.add_counters(result)
+        result.end_s = self.now_s
+        result.wall_s = time.perf_counter() - wall_start
+        if by_id:
+            raise RuntimeError(f"{len(by_id)} requests never finished")
+        return result
+
+    def _admit(
+        self, spec: Any, tracked: list[_Tracked], by_id: dict[str, _Tracked], result: SimResult
+    ) -> None:
+        """The serving loop's queue limit, ``LLMEngine.add_request``'s checks, then the
+        scheduler's."""
+        max_queue_size = self.config.max_queue_size
+        if max_queue_size and self.scheduler.num_waiting >= max_queue_size:
+            result.rejected.append(spec.index)
+            result.num_queue_full += 1
+            return
+        if not self.instance.admit(new_request(spec, self.now_s, self.slo)):
+            result.rejected.append(spec.index)
+            return
+        by_id[str(spec.index)] = tracked[spec.index]  # positions: see run()
+
+    def _iteration_time_s(self, output: SchedulerOutput) -> tuple[float, float]:
+        """(iteration time, of which swaps) for one planned iteration."""
+        return self.instance.iteration_time_s(output)
+
+    def _noise_factor(self) -> float:
+        """The next iteration's measured / modelled time ratio (``SimInstance``'s)."""
+        return self.instance._noise_factor()

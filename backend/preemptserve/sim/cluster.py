@@ -1,0 +1,655 @@
+"""Discrete-event simulation of many engine instances behind one model (Llumnix-style).
+
+N instances, each the real scheduler (any registered policy) and its own block manager
+(``SimInstance``, the single-engine simulator's engine with its cost model and noise), on
+one event queue and one virtual clock. The global policies are the server's own pure code
+(``core/global_scheduler.py``), and a move is the server's ``StagedMigration``
+(``cluster/migration.py``) over endpoints that are a scheduler and block manager with no
+data. Events (``sim/events.py``; ties at one instant in this order):
+
+* ``ITERATION_END`` / ``STEP`` of each instance, as in ``Simulator``: an instance's
+  engine loop drains its inbox (requests dispatched to it, and calls: one half of a
+  migration stage) between two steps, in the order they came, then plans the next step.
+* ``STAGE_END``: a stage's copy is done; the destination's half (``stage_in``: reserve,
+  and on the last stage adopt the request) then runs on the destination between two of
+  its steps, and the next stage's source half on the source between two of its steps
+  (the server's ``migrate_out`` loop, each call on that engine's thread).
+* ``TICK`` every ``polling_interval_ms`` (50 ms): every instance reports its load
+  (``instance_load``) to the ``Dispatcher`` (the server's reports are refreshed by each
+  engine loop at most every 50 ms, so dispatch between two ticks sees the last report
+  plus the requests dispatched since, as on the server); with migration on,
+  ``pair_migrations`` on those reports (instances in a move are busy), and each source
+  picks the request to move (``choose_request`` over ``migration_candidates()``) and
+  starts the move between its next two steps.
+* ``ARRIVAL``: a request reaches the frontend ``request_latency_s`` after it was sent; the
+  frontend's queue limit (``max_queue_size``: requests without a first token yet, over
+  the whole cluster), then ``Dispatcher.choose`` with the blocks of its prompt and first
+  token.
+
+A stage takes ``MigrationCost.stage_time_s(bytes)`` = ``fixed_s + bytes / bytes_per_s``
+of virtual time (``bytes``: the stage's blocks x the block size in bytes). During a stage
+before the last the source keeps stepping; the last stage stops the request (``detach`` +
+``pin``), and its downtime is from then to its import on the destination: the stage's time
+plus the wait for the destination's current step to end.
+
+Metrics beyond ``SimResult``'s (``ClusterResult.cluster_summary``):
+
+* migrations started, committed and aborted (by side and reason), stages, bytes; the
+  downtime distribution of committed moves;
+* **preemption loss**: the time started requests spent preempted (status ``PREEMPTED``:
+  swapped out, dropped for recomputation, or passed over by the policy; counted as the
+  preempted requests of each iteration times its duration), per finished request; the
+  recomputed tokens are in ``num_recomputed_tokens``;
+* **fragmentation**: at each tick, the cluster is fragmented when some instance's
+  head-of-line waiting request does not fit in that instance's available blocks but fits
+  in the sum of every instance's (available = the load report's: device blocks not in
+  use, less host-tier blocks of started requests, floored at 0); reported as the share of
+  ticks fragmented and the mean over ticks of the summed available blocks while
+  fragmented, as a share of all blocks;
+* **instance-seconds**: instances x the virtual time from 0 to the last event of work.
+
+With one instance, ``round_robin`` and no migration, the run equals ``Simulator``'s
+(same iterations, token times, counters; tested), given no ``max_queue_size``: the
+single engine's limit counts its never-scheduled requests, the frontend's requests
+without a first token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from ..bench.metrics import SLO, distribution
+from ..cluster.migration import MigrationConfig, MigrationResult, MigrationStatus, StagedMigration
+from ..config import ClusterConfig, serving_config_from_parameters
+from ..core.global_scheduler import (
+    Dispatcher,
+    MigrationCandidate,
+    choose_request,
+    pair_migrations,
+)
+from ..core.request import Request, RequestStatus
+from ..core.scheduler.load import InstanceLoad, instance_load
+from .cost_model import IterationCostModel
+from .events import EventKind, EventQueue
+from .simulator import SimConfig, SimInstance, SimResult, _Tracked, new_request
+
+if TYPE_CHECKING:  # annotations only: importing it needs torch
+    from ..engine.migration import StageOut
+
+# -- what a stage costs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """Virtual time of one migration stage: ``fixed_s + bytes / bytes_per_s``."""
+
+    fixed_s: float
+    bytes_per_s: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fixed_s < 0 or self.bytes_per_s <= 0:
+            raise ValueError("need fixed_s >= 0 and bytes_per_s > 0")
+
+    def stage_time_s(self, num_bytes: int) -> float:
+        return self.fixed_s + num_bytes / self.bytes_per_s
+
+
+# Least-squares fits of the medians of ``docs/benchmarks.md`` "Migration transports"
+# (stage times between two Ray instance actors on this project's 2-core machine,
+# 2026-11-30: the middle of each size's range over three runs) over 1-16 MiB, the sizes
+# of a last stage (at most 16 blocks), which is what a move's downtime pays. Over the
+# whole 1-64 MiB range the object store fits 4.3 ms + 1.9 GB/s (within 15% of each
+# median from 4 MiB up) and gloo 1.6 ms + 1.9 GB/s.
+MIGRATION_COSTS = {
+    "object_store": MigrationCost(
+        3.4e-3, 1.5e9, "object store between Ray actors, fitted on 1-16 MiB stage medians "
+        "(docs/benchmarks.md, Migration transports)"),
+    "gloo": MigrationCost(
+        1.9e-3, 2.0e9, "gloo between Ray actors, fitted on 1-16 MiB stage medians "
+        "(docs/benchmarks.md, Migration transports)"),
+}
+# GPU (assumed, not measured here): each stage crosses PCIe twice (device to host on the
+# source, host to device on the destination) at the profile's swap bandwidth, the network
+# no slower; 20 ms fixed, Llumnix's measured downtime floor for LLaMA-7B on A10s (20-30 ms
+# whatever the length, llumnix.md 1.8), which a last stage of a few blocks barely adds to.
+GPU_FIXED_S = 0.020
+MIGRATION_COST_NAMES = ("auto", "object_store", "gloo", "gpu")
+
+
+def migration_cost(name: str, cost_model: IterationCostModel,
+                   transport: str = "object_store") -> MigrationCost:
+    """A named stage cost. ``auto``: ``gpu`` for a GPU profile (its swaps overlap
+    compute: a copy stream), else the cluster's ``migration_transport``."""
+    if name == "auto":
+        name = "gpu" if cost_model.swap_overlaps_compute else transport
+    if name == "gpu":
+        bandwidth = cost_model.swap_bytes_per_s
+        if bandwidth == float("inf"):
+            raise ValueError("the profile has no swap bandwidth for the gpu migration cost")
+        return MigrationCost(GPU_FIXED_S, bandwidth / 2,
+                             "gpu: assumed, two PCIe crossings at the profile's swap "
+                             "bandwidth + 20 ms (Llumnix's A10 downtime floor)")
+    if name not in MIGRATION_COSTS:
+        raise ValueError(f"unknown migration cost {name!r}; choices: {list(MIGRATION_COST_NAMES)}")
+    return MIGRATION_COSTS[name]
+
+
+# -- configuration and results ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSimConfig:
+    instance: SimConfig  # every instance's engine (the same model, policy and sizes)
+    cluster: ClusterConfig
+    migration_cost: MigrationCost
+    check_invariants: bool = False  # every block manager's check_invariants() after each event
+
+    @classmethod
+    def from_parameters(
+        cls,
+        parameters: Mapping[str, str],
+        cost_model: IterationCostModel,
+        migration_cost_name: str = "auto",
+        check_invariants: bool = False,
+    ) -> ClusterSimConfig:
+        """The same ``config.pbtxt`` parameters the server reads (``num_instances``,
+        ``dispatch_policy``, ``enable_migration``, ``migrate_out_threshold``, ...)."""
+        cluster = serving_config_from_parameters(parameters).cluster
+        return cls(
+            SimConfig.from_parameters(parameters, cost_model),
+            cluster,
+            migration_cost(migration_cost_name, cost_model, cluster.migration_transport),
+            check_invariants,
+        )
+
+
+@dataclass
+class ClusterResult(SimResult):
+    num_instances: int = 1
+    dispatch_policy: str = ""
+    enable_migration: bool = False
+    migration_cost: MigrationCost | None = None
+    migrations_started: int = 0
+    migrations_ended: Counter = field(default_factory=Counter)  # "status: reason" -> n
+    migration_stages: int = 0
+    migration_bytes: int = 0
+    downtimes_s: list[float] = field(default_factory=list)  # of committed moves
+    moved: list[str] = field(default_factory=list)  # request ids of committed moves
+    preempted_s: float = 0.0  # summed over requests
+    num_ticks: int = 0
+    num_fragmented_ticks: int = 0
+    fragmented_free_blocks: int = 0  # summed over fragmented ticks
+    total_blocks: int = 0  # all instances' device blocks
+    dispatched: list[int] = field(default_factory=list)  # requests sent to each instance
+
+    @property
+    def instance_seconds(self) -> float:
+        return self.num_instances * self.end_s
+
+    def counters(self) -> dict[str, Any]:
+        return super().counters() | {
+            "num_instances": self.num_instances,
+            "instance_seconds": self.instance_seconds,
+            "migrations_started": self.migrations_started,
+            "migrations_committed": self.migrations_ended.get(
+                MigrationStatus.COMMITTED.value, 0),
+            "preempted_s": self.preempted_s,
+        }
+
+    def cluster_summary(self) -> dict[str, Any]:
+        """Migrations, downtime, preemption loss, fragmentation and cost (the module
+        docstring defines each)."""
+        by_status: Counter = Counter()
+        for key, n in self.migrations_ended.items():
+            by_status[key.split(":", 1)[0]] += n
+        num_finished = len(self.finish_s)
+        ticks = self.num_ticks
+        cost = self.migration_cost
+        return {
+            "num_instances": self.num_instances,
+            "dispatch_policy": self.dispatch_policy,
+            "enable_migration": self.enable_migration,
+            "migration_cost": None if cost is None else {
+                "fixed_s": cost.fixed_s, "bytes_per_s": cost.bytes_per_s, "source": cost.source},
+            "instance_seconds": self.instance_seconds,
+            "busy_share": self.busy_s / self.instance_seconds if self.instance_seconds else None,
+            "migrations": {
+                "started": self.migrations_started,
+                "committed": by_status.get(MigrationStatus.COMMITTED.value, 0),
+                "aborted_src": by_status.get(MigrationStatus.ABORTED_SRC.value, 0),
+                "aborted_dst": by_status.get(MigrationStatus.ABORTED_DST.value, 0),
+                "by_reason": dict(sorted(self.migrations_ended.items())),
+                "per_s": self.migrations_started / self.end_s if self.end_s else None,
+                "stages": self.migration_stages,
+                "bytes": self.migration_bytes,
+            },
+            "downtime_s": {**distribution(self.downtimes_s),
+                           "max": max(self.downtimes_s, default=None)},
+            "preemption_loss": {
+                "preempted_s_per_request": (self.preempted_s / num_finished
+                                            if num_finished else None),
+                "preempted_s_total": self.preempted_s,
+                "recomputed_tokens": self.num_recomputed_tokens,
+            },
+            "fragmentation": {
+                "ticks": ticks,
+                "fragmented_tick_share": self.num_fragmented_ticks / ticks if ticks else None,
+                "fragmented_free_block_share": (
+                    self.fragmented_free_blocks / (ticks * self.total_blocks)
+                    if ticks and self.total_blocks else None),
+            },
+            "dispatched": {"min": min(self.dispatched, default=0),
+                           "max": max(self.dispatched, default=0)},
+        }
+
+
+# -- the migration endpoints over a simulated instance ------------------------------------
+
+
+class _NoData:
+    """A stage's block data as the simulator carries it: only its size."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+@dataclass
+class _StageOut:
+    """``engine/migration.py``'s ``StageOut``, field for field (that module needs torch)."""
+
+    reason: str = ""
+    on_host: bool = False
+    block_ids: tuple[int, ...] = ()
+    data: tuple[Any, ...] = ()
+    num_preemptions: int = 0
+    snapshot: _Moved | None = None
+    stopped_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Moved:
+    """What the last stage hands over instead of a ``RequestSnapshot``: the detached
+    request itself (one process, one clock) with its policy's state."""
+
+    request: Request
+    policy_state: dict[str, Any]
+    on_host: bool
+    num_blocks: int
+
+
+def _request_blocks(instance: SimInstance, request_id: str) -> tuple[bool, tuple[int, ...]]:
+    bm = instance.block_manager
+    if bm.is_on_host(request_id):
+        return True, bm.host_block_ids(request_id)
+    return False, bm.block_ids(request_id)
+
+
+class _Source:
+    """``MigrationSource`` over one simulated instance: ``RequestMigration.stage_out`` and
+    ``end_export`` (``engine/migration.py``) on its scheduler and block manager."""
+
+    def __init__(self, instance: SimInstance, clock: Callable[[], float],
+                 block_bytes: int) -> None:
+        self.instance = instance
+        self.clock = clock
+        self.block_bytes = block_bytes
+
+    def _data(self, block_ids: tuple[int, ...]) -> tuple[Any, ...]:
+        return (_NoData(len(block_ids) * self.block_bytes),) if block_ids else ()
+
+    def stage_out(self, request_id: str, sent: tuple[int, ...], sent_on_host: bool,
+                  num_preemptions: int | None, last_stage_max_blocks: int) -> StageOut:
+        scheduler = self.instance.scheduler
+        request = scheduler.requests.get(request_id)
+        if request is None:
+            return _out(_StageOut("the request finished or left the source"))
+        if num_preemptions is not None and request.num_preemptions != num_preemptions:
+            return _out(_StageOut("the request was preempted"))
+        on_host, block_ids = _request_blocks(self.instance, request_id)
+        if sent and (on_host != sent_on_host or block_ids[:len(sent)] != sent):
+            return _out(_StageOut("the request's blocks moved"))
+        remaining = block_ids[len(sent):]
+        if on_host or len(remaining) <= last_stage_max_blocks:
+            state = scheduler.detach(request_id)  # it stops here
+            self.instance.block_manager.pin(request_id)
+            moved = _Moved(request, state, on_host, len(block_ids))
+            return _out(_StageOut("", on_host, remaining, self._data(remaining),
+                                  request.num_preemptions, moved, self.clock()))
+        to_send = remaining[:-1]  # the last block is still filling
+        return _out(_StageOut("", on_host, to_send, self._data(to_send),
+                              request.num_preemptions))
+
+    def end_export(self, request_id: str, committed: bool) -> bool:
+        scheduler = self.instance.scheduler
+        if request_id not in scheduler.detached:
+            return False
+        if committed:
+            scheduler.release_detached(request_id)
+        else:
+            scheduler.reattach(request_id)
+        self.instance.block_manager.unpin(request_id)
+        return True
+
+
+class _Destination:
+    """``MigrationDestination`` over one simulated instance: ``RequestMigration.stage_in``
+    (reserve; on the last stage ``import_request``'s checks, adopt the blocks and
+    ``scheduler.adopt`` the request), ``release_reservation`` and ``abort_request``."""
+
+    def __init__(self, instance: SimInstance) -> None:
+        self.instance = instance
+
+    def stage_in(self, request_id: str, on_host: bool, data: Any, num_blocks: int,
+                 snapshot: Any) -> str:
+        bm, scheduler = self.instance.block_manager, self.instance.scheduler
+        if num_blocks and bm.reserve(request_id, num_blocks, on_host) is None:
+            return "destination out of blocks"
+        if snapshot is None:
+            return ""
+        moved = cast(_Moved, snapshot)
+        request = moved.request
+        if request_id in scheduler.requests or request_id in scheduler.detached:
+            return f"refused at commit: duplicate request id {request_id!r}"
+        if request.hidden and not bm.supports_hidden:
+            return "refused at commit: the request is in hidden cache mode, unavailable here"
+        reserved = bm.reserved_blocks(request_id, moved.on_host)
+        if len(reserved) != moved.num_blocks:
+            return (f"refused at commit: {len(reserved)} blocks reserved for a cache of "
+                    f"{moved.num_blocks}")
+        if moved.num_blocks:
+            bm.adopt(request_id, hidden=request.hidden, on_host=moved.on_host)
+        scheduler.adopt(request, moved.policy_state)
+        return ""
+
+    def release_reservation(self, request_id: str) -> None:
+        self.instance.block_manager.release_reservation(request_id)
+
+    def abort_request(self, request_id: str) -> None:
+        self.instance.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+
+def _out(out: _StageOut) -> StageOut:
+    return cast("StageOut", out)
+
+
+# -- the simulator --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Move:
+    source: int
+    destination: int
+    migration: StagedMigration | None = None
+
+
+class _Call:
+    """A call waiting in an instance's inbox (runs between two of its steps)."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., None], *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+
+
+def instance_noise_seed(noise_seed: int, instance: int) -> int:
+    """Instance 0 draws as ``Simulator`` does; the others from seeds of their own."""
+    return noise_seed if instance == 0 else (noise_seed << 16) ^ instance
+
+
+class ClusterSimulator:
+    def __init__(
+        self,
+        config: ClusterSimConfig,
+        cost_model: IterationCostModel,
+        workload: Any,
+        slo: SLO | None = None,
+    ) -> None:
+        """``slo``: set on every request as its own objectives (see ``Simulator``)."""
+        self.config = config
+        self.cost_model = cost_model
+        self.workload = workload
+        self.slo = slo
+        self.now_s = 0.0
+        n = config.cluster.num_instances
+        clock = self._clock
+        self.instances = [
+            SimInstance(config.instance, cost_model, clock,
+                        instance_noise_seed(config.instance.noise_seed, i))
+            for i in range(n)
+        ]
+        self.dispatcher = Dispatcher(config.cluster.dispatch_policy, n)
+        block_bytes = config.instance.block_bytes
+        self._sources = [_Source(inst, clock, block_bytes) for inst in self.instances]
+        self._destinations = [_Destination(inst) for inst in self.instances]
+        self._migration = MigrationConfig(config.cluster.migration_max_stages,
+                                          config.cluster.migration_last_stage_max_blocks)
+
+    def _clock(self) -> float:
+        return self.now_s
+
+    def run(self, on_finish: Callable[[int], None] | None = None) -> ClusterResult:
+        """Simulate the whole workload; ``on_finish(n)`` after each ``n`` finishes."""
+        wall_start = time.perf_counter()
+        cfg, cost, cluster = self.config, self.cost_model, self.config.cluster
+        n = cluster.num_instances
+        instances = self.instances
+        events = self._events = EventQueue()
+        specs = self.workload.requests
+        if any(spec.index != i for i, spec in enumerate(specs)):
+            raise ValueError("workload request indices must be 0, 1, 2, ... in order")
+        for spec in specs:
+            events.push(spec.arrival_time_s + cost.request_latency_s, EventKind.ARRIVAL, spec)
+        tracked = [_Tracked(s.index, s.arrival_time_s, s.input_tokens) for s in specs]
+        by_id: dict[str, _Tracked] = {}
+        result = self._result = ClusterResult(
+            cfg.instance.scheduler.policy, tracked, {}, [], num_instances=n,
+            dispatch_policy=cluster.dispatch_policy, enable_migration=cluster.enable_migration,
+            migration_cost=cfg.migration_cost if cluster.enable_migration else None,
+            total_blocks=n * cfg.instance.num_blocks, dispatched=[0] * n)
+        self._inboxes: list[list[Any]] = [[] for _ in range(n)]
+        self._busy = [False] * n  # an iteration is in flight or a STEP is queued
+        self._moving: set[int] = set()  # instances in a move (Llumnix's one at a time)
+        self._preempted_s = [0.0] * n
+        remaining = len(specs)  # requests not finished nor rejected
+        max_queue_size = cfg.instance.max_queue_size
+        waiting_first = 0  # admitted to the frontend, no first token yet
+        block_size = cfg.instance.block_size
+        tick_s = cluster.polling_interval_ms / 1000
+        migrate = cluster.enable_migration and n > 1
+        response_latency_s = cost.response_latency_s
+        check = cfg.check_invariants
+        last_work_s = 0.0
+        if specs:
+            events.push(0.0, EventKind.TICK)
+        ITERATION_END, STEP, ARRIVAL = EventKind.ITERATION_END, EventKind.STEP, EventKind.ARRIVAL
+        TICK = EventKind.TICK
+        while events:
+            now, kind, payload = events.pop()
+            self.now_s = now
+            if kind is STEP:
+                last_work_s = now
+                i = payload
+                inst = instances[i]
+                inbox = self._inboxes[i]
+                if inbox:
+                    self._inboxes[i] = []
+                    for item in inbox:
+                        if item.__class__ is _Call:
+                            item.fn(*item.args)
+                            continue
+                        request = new_request(item, now, self.slo)
+                        if inst.admit(request):
+                            by_id[request.request_id] = tracked[item.index]
+                        else:
+                            result.rejected.append(item.index)
+                            remaining -= 1
+                            waiting_first -= 1
+                if not inst.scheduler.has_unfinished():
+                    self._busy[i] = False
+                else:
+                    output, duration_s = inst.plan()
+                    self._preempted_s[i] += inst.scheduler.num_preempted * duration_s
+                    events.push(now + duration_s, ITERATION_END, (i, output, duration_s))
+            elif kind is ITERATION_END:
+                last_work_s = now
+                i, output, duration_s = payload
+                sampled, finished = instances[i].finish(output, duration_s)
+                emitted_s = now + response_latency_s
+                if max_queue_size:
+                    for request_id in sampled:
+                        times = by_id[request_id].token_times_s
+                        if not times:
+                            waiting_first -= 1
+                        times.append(emitted_s)
+                else:
+                    for request_id in sampled:
+                        by_id[request_id].token_times_s.append(emitted_s)
+                for request in finished:
+                    result.max_recomputations_per_request = max(
+                        result.max_recomputations_per_request, request.num_preemptions)
+                    t = by_id.pop(request.request_id)
+                    result.finish_s[t.index] = emitted_s
+                    remaining -= 1
+                    if on_finish is not None:
+                        on_finish(1)
+                events.push(now, STEP, i)
+            elif kind is ARRIVAL:
+                last_work_s = now
+                spec = payload
+                if max_queue_size and waiting_first >= max_queue_size:
+                    result.rejected.append(spec.index)
+                    result.num_queue_full += 1
+                    remaining -= 1
+                    continue
+                waiting_first += 1
+                i = self.dispatcher.choose(-(-(spec.input_tokens + 1) // block_size))
+                result.dispatched[i] += 1
+                self._queue(i, spec)
+            elif kind is TICK:
+                if remaining <= 0:
+                    continue  # the last request finished: no more reports
+                self._tick(migrate)
+                events.push(now + tick_s, TICK)
+            else:  # STAGE_END: the copy is done; the destination takes it between steps
+                move, out = payload
+                last_work_s = now
+                self._queue(move.destination, _Call(self._end_stage, move, out))
+            if check:
+                for inst in instances:
+                    inst.block_manager.check_invariants()
+        for inst in instances:
+            inst.add_counters(result)
+        result.preempted_s = sum(self._preempted_s)
+        result.end_s = last_work_s
+        result.wall_s = time.perf_counter() - wall_start
+        if by_id:
+            raise RuntimeError(f"{len(by_id)} requests never finished")
+        return result
+
+    # -- instances' inboxes --------------------------------------------------------------
+
+    def _queue(self, instance: int, item: Any) -> None:
+        """Into the instance's inbox, drained between two of its steps."""
+        self._inboxes[instance].append(item)
+        self._wake(instance)
+
+    def _wake(self, instance: int) -> None:
+        if not self._busy[instance]:
+            self._busy[instance] = True
+            self._events.push(self.now_s, EventKind.STEP, instance)
+
+    # -- reports, pairing and moves ------------------------------------------------------
+
+    def _tick(self, migrate: bool) -> None:
+        result = self._result
+        loads: dict[int, InstanceLoad] = {}
+        total_available = 0
+        headroom = self.config.cluster.priority_headroom_blocks  # as the frontend adds it
+        for i, inst in enumerate(self.instances):
+            load = instance_load(inst.scheduler, headroom)
+            loads[i] = load
+            self.dispatcher.update(i, load)
+            total_available += max(0, load.available_blocks)
+        result.num_ticks += 1
+        if any(load.num_waiting and max(0, load.available_blocks) < load.head_of_line_blocks
+               <= total_available for load in loads.values()):
+            result.num_fragmented_ticks += 1
+            result.fragmented_free_blocks += total_available
+        if not migrate:
+            return
+        cluster = self.config.cluster
+        for source, destination in pair_migrations(loads, cluster.migrate_out_threshold,
+                                                   self._moving):
+            self._moving.update((source, destination))
+            move = _Move(source, destination)
+            self._queue(source, _Call(self._start_move, move))
+
+    def _start_move(self, move: _Move) -> None:
+        """On the source, between two steps: pick the request, run the first stage."""
+        inst = self.instances[move.source]
+        scheduler, bm = inst.scheduler, inst.block_manager
+        now = self.now_s
+        candidates = []
+        for request_id in scheduler.migration_candidates():
+            request = scheduler.requests[request_id]
+            on_host = bm.is_on_host(request_id)
+            num_blocks = (bm.num_host_blocks_of(request_id) if on_host
+                          else bm.num_device_blocks_of(request_id))
+            candidates.append(MigrationCandidate(request_id, request.num_tokens, num_blocks,
+                                                 on_host, now - request.arrival_time_s))
+        chosen = choose_request(candidates, self.config.cluster.migration_request_policy)
+        if chosen is None:
+            self._moving.difference_update((move.source, move.destination))
+            return
+        move.migration = StagedMigration(
+            self._sources[move.source], self._destinations[move.destination],
+            chosen.request_id, self._migration, clock=self._clock)
+        self._result.migrations_started += 1
+        self._begin_stage(move)
+
+    def _begin_stage(self, move: _Move) -> None:
+        """On the source, between two steps: its half of the next stage, then the copy."""
+        assert move.migration is not None
+        out = move.migration.begin_stage()
+        if out is None:
+            self._ended(move)
+            return
+        num_bytes = sum(data.nbytes for data in out.data)
+        self._events.push(self.now_s + self.config.migration_cost.stage_time_s(num_bytes),
+                          EventKind.STAGE_END, (move, out))
+
+    def _end_stage(self, move: _Move, out: StageOut) -> None:
+        """On the destination, between two steps: its half; then the next stage's source
+        half on the source, or the end."""
+        assert move.migration is not None
+        if move.migration.end_stage(out) is None:
+            self._queue(move.source, _Call(self._begin_stage, move))
+            return
+        self._ended(move)
+        self._wake(move.source)  # a request stopped for the last stage may resume there
+
+    def _ended(self, move: _Move) -> None:
+        assert move.migration is not None and move.migration.result is not None
+        r: MigrationResult = move.migration.result
+        result = self._result
+        key = r.status.value + (f": {_reason_kind(r.reason)}" if r.reason else "")
+        result.migrations_ended[key] += 1
+        result.migration_stages += r.num_stages
+        result.migration_bytes += r.num_bytes
+        if r.status is MigrationStatus.COMMITTED:
+            result.downtimes_s.append(r.downtime_s)
+            result.moved.append(move.migration.request_id)
+        self._moving.difference_update((move.source, move.destination))
+
+
+def _reason_kind(reason: str) -> str:
+    """An abort reason without request ids or numbers (as the frontend's metrics)."""
+    return reason.split(":")[0][:60]
