@@ -207,3 +207,17 @@ def test_every_request_finishes_and_every_block_returns(
     assert driver.bm.num_used_blocks == 0 and driver.bm.num_used_host_blocks == 0
     if not hidden:
         assert all(r.cache_mode is CacheMode.KV for r in driver.finished)
+
+
+def test_a_reservation_for_a_move_in_makes_a_lone_request_wait_not_fail() -> None:
+    # 8 blocks of 4 tokens; the request needs 5 of them (16 prompt + 4 output tokens), but
+    # a reservation for a request moving in holds 6 (cluster migration): it cannot start,
+    # even alone, until the reservation ends. Before, apt's forced admission asserted.
+    driver = Driver(num_blocks=8, block_size=4, hidden=False)
+    assert driver.bm.reserve("moving-in", 6) is not None
+    driver.add(make_request("r", num_prompt_tokens=16, max_tokens=4))
+    for _ in range(3):
+        assert not driver.step().scheduled
+    driver.bm.release_reservation("moving-in")
+    driver.run_to_completion()
+    assert [r.request_id for r in driver.finished] == ["r"]

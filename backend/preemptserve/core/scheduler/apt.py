@@ -349,7 +349,9 @@ class AptScheduler(Scheduler):
                    plan: Plan) -> None:
         """Nothing fit: run the most valuable request alone, evicting whoever is in the way.
 
-        Every request fits the pool alone (checked on arrival), so this always progresses.
+        Every request fits the pool alone (checked on arrival), so this progresses unless
+        blocks are held outside this policy's requests (a reservation for a request moving
+        in, a request stopped for its move out): then nothing runs until those moves end.
         """
         request = max(candidates, key=lambda r: values[r.request_id])
         if not self.block_manager.has_blocks(request.request_id) and not (
@@ -357,8 +359,7 @@ class AptScheduler(Scheduler):
             self._set_mode(request, CacheMode.KV)
         num_tokens = min(request.num_uncomputed_tokens, self.config.max_num_batched_tokens)
         self._victims = None
-        item = self._admit(request, num_tokens, plan, {request.request_id}, values, force=True)
-        assert item is not None, "a request alone always fits"
+        self._admit(request, num_tokens, plan, {request.request_id}, values, force=True)
 
     def _set_mode(self, request: Request, mode: object) -> None:
         assert isinstance(mode, CacheMode)
@@ -390,12 +391,18 @@ class AptScheduler(Scheduler):
                 if bm.has_blocks(victim_id) and victim_id not in plan.selected:
                     self._evict(self.requests[victim_id], plan)
             if bm.num_free_blocks < needed:
-                if not force:
+                if not force or self._blocks_held_elsewhere():
                     return None
                 raise AssertionError("forced admission found no room")
         if bm.is_on_host(request_id):
             self._swap_in(request, plan)
         return self._try_schedule(request, num_tokens, plan)
+
+    def _blocks_held_elsewhere(self) -> bool:
+        """Whether device blocks are held by no request of this policy: reserved for a
+        request moving in, or kept by one stopped for its move out (``detach``)."""
+        bm = self.block_manager
+        return bm.num_used_blocks > sum(bm.num_device_blocks_of(r) for r in self.requests)
 
     def _evict(self, victim: Request, plan: Plan) -> None:
         """Swap ``victim``'s cache to the host tier, or drop it (recomputation) if full.
