@@ -3,20 +3,19 @@ freeness dispatch + live migration (Llumnix's three setups: RR, INFaaS++, Llumni
 one bursty workload through a real tritonserver per setup.
 
 Each setup serves the same requests (same arrivals, lengths and prompts) with the same
-local policy in both instances; the table gives P99 TTFT and P99 JCT (and means), the
-migrations the server counted, and, for round robin, the simulator's prediction: the
-workload split the same way, each half simulated on this machine's fitted cost model
-(one instance per core). Freeness dispatch and migration need the cluster simulator of
-the next issue: their prediction cells say so.
+local policy in both instances, ``--repeats`` times, the setups taking turns; the table
+gives P99 TTFT and P99 JCT of each repeat (and the means over all), the migrations the
+server counted, and the cluster simulator's prediction for the same setup
+(``sim/cluster.py`` on this machine's fitted cost model, moves costed as the object
+store's stages measured here).
 
-    .venv/bin/python benchmarks/bench_cluster_serving.py \\
+    .venv/bin/python benchmarks/bench_cluster_serving.py \
         --out benchmarks/results/cluster-serving-2026-11-30
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -31,8 +30,8 @@ from preemptserve.bench.commands import run_on_server
 from preemptserve.bench.metrics import summarize
 from preemptserve.bench.server import policy_server, served_parameters
 from preemptserve.bench.workload import Workload, synthetic
+from preemptserve.sim.cluster import ClusterSimConfig, ClusterSimulator
 from preemptserve.sim.cost_model import load_profile
-from preemptserve.sim.simulator import SimConfig, Simulator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETUPS = {
@@ -51,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="sharegpt")
     parser.add_argument("--num-requests", type=int, default=120)
-    parser.add_argument("--rate", type=float, default=3.0, help="requests/s")
+    parser.add_argument("--rate", type=float, default=2.5, help="requests/s")
     parser.add_argument("--cv", type=float, default=3.0, help="gap CV (Gamma arrivals)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--length-scale", type=float, default=0.2)
@@ -62,7 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--profile", type=Path,
                         default=RESULTS / "profile-cpu-served-2026-11-22.json",
-                        help="cost model for the round-robin prediction")
+                        help="cost model of one instance, for the predictions")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, required=True, help="path without extension")
     args = parser.parse_args()
@@ -76,20 +76,16 @@ def prompts_for(workload: Workload) -> list[str]:
     return PromptBuilder().prompts([r.input_tokens for r in workload.requests], seed=0)
 
 
-def predict_round_robin(args, parameters: dict[str, str], workload: Workload) -> dict | None:
-    """The single-instance simulator on each half of a round-robin split, merged."""
+def predict(args, parameters: dict[str, str], workload: Workload) -> dict | None:
+    """The cluster simulator's summary of one setup (None without a cost model)."""
     try:
         cost_model = load_profile(str(args.profile.resolve()))
     except (OSError, ValueError) as exc:
         print(f"no prediction: {exc}", file=sys.stderr)
         return None
-    config = SimConfig.from_parameters(parameters, cost_model, False)
-    timelines = []
-    for half in (0, 1):
-        part = dataclasses.replace(workload, requests=tuple(
-            dataclasses.replace(r, index=i) for i, r in enumerate(workload.requests[half::2])))
-        timelines += Simulator(config, cost_model, part, None).run().timelines()
-    return summarize(timelines)
+    config = ClusterSimConfig.from_parameters(parameters, cost_model, "object_store")
+    result = ClusterSimulator(config, cost_model, workload, None).run()
+    return {**summarize(result.timelines()), "cluster": result.cluster_summary()}
 
 
 def main() -> int:
@@ -102,39 +98,52 @@ def main() -> int:
             "kv_cache_bytes": str(32 * 2**20), "kv_cache_host_memory_bytes": str(128 * 2**20)}
     base.update(dict(p.split("=", 1) for p in args.param))
     started = dt.datetime.now(dt.timezone.utc)
-    prediction = predict_round_robin(args, {**base, **SETUPS["round_robin"]}, workload)
+    predictions = {name: predict(args, {**base, **SETUPS[name]}, workload)
+                   for name in args.setups}
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    runs: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {name: [] for name in args.setups}
     try:
-        for name in args.setups:
-            parameters = {**base, **SETUPS[name],
-                          "ray_temp_dir": tempfile.mkdtemp(prefix="psray", dir="/tmp")}
-            with policy_server(parameters, workdir, name, torch_threads=1) as server:
-                _, entry = run_on_server(args, server, workload, prompts, args.policy, None,
-                                         name)
-            shutil.rmtree(parameters["ray_temp_dir"], ignore_errors=True)
-            runs[name] = entry
-            print(f"{name}: done", file=sys.stderr)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".partial.json").write_text(json.dumps(runs, default=str))
+        for repeat in range(args.repeats):
+            for name in args.setups:
+                parameters = {**base, **SETUPS[name],
+                              "ray_temp_dir": tempfile.mkdtemp(prefix="psray", dir="/tmp")}
+                label = f"{name}-{repeat}"
+                with policy_server(parameters, workdir, label, torch_threads=1) as server:
+                    _, entry = run_on_server(args, server, workload, prompts, args.policy,
+                                             None, label)
+                shutil.rmtree(parameters["ray_temp_dir"], ignore_errors=True)
+                runs[name].append(entry)
+                print(f"{label}: done", file=sys.stderr)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.with_suffix(".partial.json").write_text(
+                    json.dumps(runs, default=str))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    headers = ["setup", "P99 TTFT s", "mean TTFT s", "P99 JCT s", "mean JCT s",
-               "migrations committed", "aborted", "sim P99 TTFT s", "sim P99 JCT s"]
+    headers = ["setup", "P99 TTFT s (each run)", "mean TTFT s", "P99 JCT s (each run)",
+               "mean JCT s", "migrations committed / aborted", "sim P99 TTFT s",
+               "sim P99 JCT s", "sim mean JCT s", "sim migrations"]
     rows = []
-    for name, entry in runs.items():
-        s, counters = entry["summary"], entry["counters"]
-        done = sum(v for k, v in counters.items()
-                   if k.startswith("migrations_total") and "committed" in k)
-        aborted = sum(v for k, v in counters.items()
-                      if k.startswith("migrations_total") and "aborted" in k)
-        sim = prediction if name == "round_robin" else None
-        rows.append([name, f"{s['ttft_s']['p99']:.2f}", f"{s['ttft_s']['mean']:.2f}",
-                     f"{s['jct_s']['p99']:.2f}", f"{s['jct_s']['mean']:.2f}",
-                     f"{done:.0f}", f"{aborted:.0f}",
-                     f"{sim['ttft_s']['p99']:.2f}" if sim else "needs cluster sim",
-                     f"{sim['jct_s']['p99']:.2f}" if sim else "needs cluster sim"])
+    for name, entries in runs.items():
+        summaries = [e["summary"] for e in entries]
+        done = aborted = 0.0
+        for entry in entries:
+            for key, value in entry["counters"].items():
+                if key.startswith("migrations_total") and "committed" in key:
+                    done += value
+                elif key.startswith("migrations_total") and "aborted" in key:
+                    aborted += value
+        sim = predictions.get(name)
+        rows.append([
+            name, " / ".join(f"{s['ttft_s']['p99']:.2f}" for s in summaries),
+            f"{sum(s['ttft_s']['mean'] for s in summaries) / len(summaries):.2f}",
+            " / ".join(f"{s['jct_s']['p99']:.2f}" for s in summaries),
+            f"{sum(s['jct_s']['mean'] for s in summaries) / len(summaries):.2f}",
+            f"{done:.0f} / {aborted:.0f}",
+            f"{sim['ttft_s']['p99']:.2f}" if sim else "-",
+            f"{sim['jct_s']['p99']:.2f}" if sim else "-",
+            f"{sim['jct_s']['mean']:.2f}" if sim else "-",
+            f"{sim['cluster']['migrations']['committed']}" if sim else "-"])
     command = " ".join([Path(sys.executable).name, *sys.argv])
     print_table(f"2 instances, {args.policy} inside; {args.workload} x{args.num_requests} at "
                 f"{args.rate:g}/s, Gamma CV {args.cv:g}, length scale {args.length_scale:g}",
@@ -142,7 +151,7 @@ def main() -> int:
     result = {"kind": "cluster-serving", "command": command, "date": started.isoformat(),
               "wall_s": time.time() - started.timestamp(), "machine": machine_info(),
               "workload": workload.describe(), "parameters": base, "runs": runs,
-              "round_robin_prediction": prediction, "table": {"headers": headers, "rows": rows}}
+              "predictions": predictions, "table": {"headers": headers, "rows": rows}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     print(f"written: {args.out.with_suffix('.json')}")
