@@ -178,6 +178,8 @@ def test_a_killed_instance_fails_its_requests_and_the_other_serves_on(default_mo
             local.kill(1)
             wait_until(lambda: frontend.failure is not None, 10, "the model to fail")
             assert "every engine instance failed" in frontend.failure
+            # on_failure runs on the response sender's thread, soon after.
+            wait_until(lambda: failures, 10, "on_failure called")
             assert failures == [frontend.failure]
             assert frontend.stats.num_alive == 0
             late = Collector()

@@ -112,7 +112,9 @@ class ClusterFrontend:
                  max_queue_size: int = 0) -> None:
         """``prompt_blocks(prompt)``: KV blocks a prompt needs (for dispatch freeness).
         ``max_queue_size``: most requests without a first token yet before ``submit``
-        refuses new ones (0: unbounded)."""
+        refuses new ones (0: unbounded). ``on_stats`` (the instances' statistics summed,
+        at most every polling interval) and ``on_failure`` run on the response sender's
+        thread, as every response callback does."""
         self.instances = instances
         self.config = config
         self._n = instances.num_instances
@@ -280,18 +282,16 @@ class ClusterFrontend:
         self._publish(stats)
 
     def _publish(self, stats: EngineStats) -> None:
-        """``on_stats`` at most every polling interval, one thread at a time."""
-        if self._on_stats is None or not self._stats_lock.acquire(blocking=False):
+        """``on_stats`` at most every polling interval, on the response sender's thread."""
+        if self._on_stats is None:
             return
-        try:
+        with self._stats_lock:
             now = time.monotonic()
-            if now - self._last_published >= self._interval_s:
-                self._last_published = now
-                self._on_stats(stats)
-        except Exception:
-            logger.exception("publishing statistics failed")
-        finally:
-            self._stats_lock.release()
+            if now - self._last_published < self._interval_s:
+                return
+            self._last_published = now
+        on_stats = self._on_stats
+        self._sender.call(lambda: on_stats(stats))
 
     def _route(self, instance: int, output: RequestOutput,
                error: str | None) -> list[tuple[int, str]]:
@@ -352,7 +352,8 @@ class ClusterFrontend:
             if not any(self._alive):
                 self._failure = f"every engine instance failed (the last: {reason})"
         if self._failure is not None and self._on_failure is not None:
-            self._on_failure(self._failure)
+            on_failure, failure = self._on_failure, self._failure
+            self._sender.call(lambda: on_failure(failure))
 
     # -- migration -----------------------------------------------------------------------------
 

@@ -198,6 +198,11 @@ class EngineLoop:
             self._inbox.put(("call", (fn, future)))
         return future
 
+    def call_on_sender(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the thread that sends responses (``serving/sender.py``): how
+        the Triton adapter updates its metrics, one thread talking to the server."""
+        self._sender.call(fn)
+
     def track(self, request_id: str, on_output: OutputCallback) -> None:
         """Serve a request put into the engine directly (``import_request``, a request
         moved here): its outputs go to ``on_output`` from now on. Engine thread only."""

@@ -7,6 +7,11 @@ every ``period_s``, asks the clients of the requests its owner lists whether the
 cancelled. Its owner supplies three things: which requests to poll, what to do as a
 request's final output goes (forget it), and how to cancel one.
 
+Other calls into the server from the model (its metrics, its health) can run here too
+(``call``), so that one thread alone talks to Triton besides ``execute``: the Python
+backend's stub once crashed (SIGSEGV in its shared-memory allocator) while a metric was
+updated from another thread as this one sent responses.
+
 A request is anything with ``request_id``, ``on_output(output, error)``,
 ``is_cancelled`` (a callable or None) and a ``polling`` flag (still asked), which the
 sender clears when asking fails, when the client cancelled, or when the callback failed.
@@ -43,6 +48,10 @@ class ResponseSender:
         """Queue one output (``error``: its error message) for ``request``'s callback."""
         self._queue.put((request, output, error))
 
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the sender thread, in turn with the responses."""
+        self._queue.put((fn,))
+
     def stop(self, timeout_s: float) -> None:
         """Send what is queued, then stop."""
         self._queue.put(None)
@@ -57,7 +66,12 @@ class ResponseSender:
                 item = ()
             if item is None:
                 return
-            if item:
+            if len(item) == 1:
+                try:
+                    item[0]()
+                except Exception:
+                    logger.exception("a call on the response sender thread failed")
+            elif item:
                 self._send(*item)
             if time.monotonic() >= next_check:
                 self._check_cancelled()

@@ -51,8 +51,11 @@ class TritonPythonModel:
         self.loop = EngineLoop(
             engine,
             cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
-            on_stats=self.metrics.update,
-            on_failure=self._on_engine_failure,
+            # Metrics and health are calls into the server: made on the thread that sends
+            # the responses (the engine thread only hands them over).
+            on_stats=lambda stats: self.loop.call_on_sender(lambda: self.metrics.update(stats)),
+            on_failure=lambda reason: self.loop.call_on_sender(
+                lambda: self._on_engine_failure(reason)),
             iteration_stats_path=self.config.iteration_stats_path or None,
             max_queue_size=self.config.max_queue_size,
         )
