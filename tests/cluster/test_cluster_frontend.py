@@ -150,8 +150,9 @@ def test_a_killed_instance_fails_its_requests_and_the_other_serves_on(default_mo
     local = make_instances(default_model_dir)
     try:
         failures: list[str] = []
+        stats_seen = []
         frontend = ClusterFrontend(local, cluster_config(), cancellation_check_period_s=0.01,
-                                   on_failure=failures.append)
+                                   on_failure=failures.append, on_stats=stats_seen.append)
         frontend.start()
         try:
             doomed = Collector()
@@ -174,6 +175,11 @@ def test_a_killed_instance_fails_its_requests_and_the_other_serves_on(default_mo
                 assert got.text == expected
             assert frontend.stats.num_alive == 1 and frontend.failure is None
             assert not failures
+            # The sums keep the dead instance's counters (Prometheus counters never go
+            # down), not its gauges.
+            generated = [s.num_generated_tokens_total for s in stats_seen]
+            assert generated == sorted(generated) and generated[-1] > 0
+            assert stats_seen[-1].num_blocks_total == local.instances[1].info()["num_blocks"]
 
             local.kill(1)
             wait_until(lambda: frontend.failure is not None, 10, "the model to fail")

@@ -322,12 +322,16 @@ class ClusterFrontend:
         self._sender.put(routed, output, error)
 
     def _aggregate(self) -> EngineStats:
+        """The instances' statistics summed (a dead instance's counters stay in: counters
+        never go down); per-model constants and the last step time: the largest."""
         total = EngineStats()
         for stats in self._stats.values():
             for f in fields(EngineStats):
-                value = getattr(stats, f.name)
-                if isinstance(value, (int, float)) and f.name != "last_step_s":
-                    setattr(total, f.name, getattr(total, f.name) + value)
+                value, so_far = getattr(stats, f.name), getattr(total, f.name)
+                if f.name in _NOT_SUMMED:
+                    setattr(total, f.name, max(so_far, value))
+                else:
+                    setattr(total, f.name, so_far + value)
         return total
 
     def _instance_died(self, instance: int, reason: str) -> None:
@@ -336,7 +340,8 @@ class ClusterFrontend:
             self._alive[instance] = False
             self._dispatcher.set_alive(instance, False)
             self.stats.num_alive = sum(self._alive)
-            self._stats.pop(instance, None)
+            if instance in self._stats:  # its counters stay; its gauges drop to zero
+                self._stats[instance] = _counters_only(self._stats[instance])
             self._loads.pop(instance, None)
             for routed in list(self._requests.values()):
                 if routed.ended:
@@ -422,6 +427,17 @@ class ClusterFrontend:
     def _pollable(self) -> list[_Routed]:
         with self._lock:
             return [r for r in self._requests.values() if r.polling and not r.ended]
+
+
+_NOT_SUMMED = frozenset({"last_step_s", "kv_bytes_per_token", "hidden_bytes_per_token",
+                         "hidden_mode_available"})
+_GAUGES = frozenset({"num_blocks_total", "num_host_blocks_total"})
+
+
+def _counters_only(stats: EngineStats) -> EngineStats:
+    """``stats`` with every gauge zero: what a dead instance still adds to the sums."""
+    return EngineStats(**{f.name: getattr(stats, f.name) for f in fields(EngineStats)
+                          if f.name.endswith("_total") and f.name not in _GAUGES})
 
 
 def _reason_kind(reason: str) -> str:

@@ -358,7 +358,10 @@ class _Metrics:
         self.host_blocks_used.set(stats.num_host_blocks_used)
         self.host_blocks_total.set(stats.num_host_blocks_total)
         for metric, field in self._counters:
+            # Counters only go up (Triton refuses a negative increment, and its Python
+            # backend stub did not survive that refusal once): a smaller value, say after
+            # an engine instance went away, is a new baseline.
             value = getattr(stats, field)
-            if value != self._last[field]:
+            if value > self._last[field]:
                 metric.increment(value - self._last[field])
-                self._last[field] = value
+            self._last[field] = value
