@@ -15,14 +15,8 @@ import pytest
 from preemptserve.bench.cli import main
 from preemptserve.bench.workload import RequestSpec, Workload, synthetic
 from preemptserve.cluster.migration import MigrationStatus
-from preemptserve.sim.cluster import (
-    MIGRATION_COSTS,
-    ClusterResult,
-    ClusterSimConfig,
-    ClusterSimulator,
-    MigrationCost,
-    migration_cost,
-)
+from preemptserve.sim.cluster import ClusterResult, ClusterSimConfig, ClusterSimulator
+from preemptserve.sim.cluster_moves import MIGRATION_COSTS, MigrationCost, migration_cost
 from preemptserve.sim.cost_model import IterationCostModel
 from preemptserve.sim.simulator import SimConfig, Simulator
 

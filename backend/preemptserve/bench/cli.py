@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..core.global_scheduler import DISPATCH_POLICIES
 from ..core.scheduler import available_policies
-from ..sim.cluster import MIGRATION_COST_NAMES
+from ..sim.cluster_moves import MIGRATION_COST_NAMES
 from . import commands, fidelity, matrix
 from .commands import build_workload
 from .workload import PRESETS

@@ -44,7 +44,7 @@ from ..engine.llm_engine import EngineStats, RequestOutput
 from ..serving.engine_loop import OutputCallback, QueueFullError
 from ..serving.sender import ResponseSender
 from .instance import InstanceReport
-from .migration import MigrationConfig, MigrationResult, MigrationStatus
+from .migration import MigrationConfig, MigrationResult, MigrationStatus, reason_kind
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ class ClusterFrontend:
     def _end_move(self, request_id: str, result: MigrationResult) -> list[tuple[int, str]]:
         """A move ended (under the lock): count it, and hand the request to its new owner."""
         source, destination = self._moving.pop(request_id, (None, None))
-        self.stats.migrations_ended[(result.status.value, _reason_kind(result.reason))] += 1
+        self.stats.migrations_ended[(result.status.value, reason_kind(result.reason))] += 1
         self.stats.migration_bytes += result.num_bytes
         routed = self._requests.get(request_id)
         if routed is not None:
@@ -438,11 +438,6 @@ def _counters_only(stats: EngineStats) -> EngineStats:
     """``stats`` with every gauge zero: what a dead instance still adds to the sums."""
     return EngineStats(**{f.name: getattr(stats, f.name) for f in fields(EngineStats)
                           if f.name.endswith("_total") and f.name not in _GAUGES})
-
-
-def _reason_kind(reason: str) -> str:
-    """A short label of an abort reason, for metrics (no request ids in labels)."""
-    return reason.split(":")[0][:60] if reason else ""
 
 
 def _final(request_id: str, reason: str) -> RequestOutput:

@@ -86,6 +86,11 @@ class MigrationResult:
     num_bytes: int = 0  # block data copied
 
 
+def reason_kind(reason: str) -> str:
+    """An abort reason as a label: without request ids or numbers (metrics, reports)."""
+    return reason.split(":")[0][:60] if reason else ""
+
+
 class StagedMigration:
     """Moves one request from ``source`` to ``destination``; call ``step()`` between
     source steps until it returns a result."""
