@@ -27,13 +27,11 @@ serves a cluster exactly as it serves one engine.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..config import ClusterConfig
@@ -44,12 +42,11 @@ from ..engine.llm_engine import EngineStats, RequestOutput
 from ..serving.engine_loop import OutputCallback, QueueFullError
 from ..serving.sender import ResponseSender
 from .instance import InstanceReport
-from .migration import MigrationConfig, MigrationResult, MigrationStatus, reason_kind
+from .migration import MigrationConfig, MigrationResult, MigrationStatus
+from .stats import ClusterStats, counters_only, sum_stats
 
 logger = logging.getLogger(__name__)
 
-# Downtime histogram buckets (seconds), for the metrics.
-DOWNTIME_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
 
 
 class Instances(Protocol):
@@ -85,22 +82,6 @@ class _Routed:
 
     def __post_init__(self) -> None:
         self.polling = self.is_cancelled is not None
-
-
-@dataclass
-class ClusterStats:
-    """Cluster metrics: instances, their freeness, and the moves so far."""
-
-    num_instances: int = 0
-    num_alive: int = 0
-    freeness: dict[int, float] = field(default_factory=dict)  # migration freeness
-    migrations_started: int = 0
-    migrations_ended: Counter = field(default_factory=Counter)  # (status, reason) -> n
-    migration_bytes: int = 0
-    downtime_counts: list[int] = field(default_factory=lambda: [0] * len(DOWNTIME_BUCKETS_S))
-    downtime_sum_s: float = 0.0
-    num_downtimes: int = 0  # committed moves so far
-    recent_downtimes_s: deque = field(default_factory=lambda: deque(maxlen=1024))
 
 
 class ClusterFrontend:
@@ -276,7 +257,7 @@ class ClusterFrontend:
             for request_id, result in report.migrations:
                 aborts.extend(self._end_move(request_id, result))
             self.stats.num_alive = sum(self._alive)
-            stats = self._aggregate()
+            stats = sum_stats(self._stats.values())
         for instance, request_id in aborts:
             self._abort_on(instance, request_id)
         self._publish(stats)
@@ -321,19 +302,6 @@ class ClusterFrontend:
         self._waiting_first.discard(routed.request_id)
         self._sender.put(routed, output, error)
 
-    def _aggregate(self) -> EngineStats:
-        """The instances' statistics summed (a dead instance's counters stay in: counters
-        never go down); per-model constants and the last step time: the largest."""
-        total = EngineStats()
-        for stats in self._stats.values():
-            for f in fields(EngineStats):
-                value, so_far = getattr(stats, f.name), getattr(total, f.name)
-                if f.name in _NOT_SUMMED:
-                    setattr(total, f.name, max(so_far, value))
-                else:
-                    setattr(total, f.name, so_far + value)
-        return total
-
     def _instance_died(self, instance: int, reason: str) -> None:
         logger.error("engine instance %d failed: %s", instance, reason)
         with self._lock:
@@ -341,7 +309,7 @@ class ClusterFrontend:
             self._dispatcher.set_alive(instance, False)
             self.stats.num_alive = sum(self._alive)
             if instance in self._stats:  # its counters stay; its gauges drop to zero
-                self._stats[instance] = _counters_only(self._stats[instance])
+                self._stats[instance] = counters_only(self._stats[instance])
             self._loads.pop(instance, None)
             for routed in list(self._requests.values()):
                 if routed.ended:
@@ -392,18 +360,12 @@ class ClusterFrontend:
     def _end_move(self, request_id: str, result: MigrationResult) -> list[tuple[int, str]]:
         """A move ended (under the lock): count it, and hand the request to its new owner."""
         source, destination = self._moving.pop(request_id, (None, None))
-        self.stats.migrations_ended[(result.status.value, reason_kind(result.reason))] += 1
-        self.stats.migration_bytes += result.num_bytes
+        self.stats.count_move(result)
         routed = self._requests.get(request_id)
         if routed is not None:
             routed.moving_to = None
         if result.status is not MigrationStatus.COMMITTED:
             return []
-        bucket = next(k for k, edge in enumerate(DOWNTIME_BUCKETS_S) if result.downtime_s <= edge)
-        self.stats.downtime_counts[bucket] += 1
-        self.stats.downtime_sum_s += result.downtime_s
-        self.stats.num_downtimes += 1
-        self.stats.recent_downtimes_s.append(result.downtime_s)
         if routed is None or destination is None:
             return []
         routed.owner = destination
@@ -427,17 +389,6 @@ class ClusterFrontend:
     def _pollable(self) -> list[_Routed]:
         with self._lock:
             return [r for r in self._requests.values() if r.polling and not r.ended]
-
-
-_NOT_SUMMED = frozenset({"last_step_s", "kv_bytes_per_token", "hidden_bytes_per_token",
-                         "hidden_mode_available"})
-_GAUGES = frozenset({"num_blocks_total", "num_host_blocks_total"})
-
-
-def _counters_only(stats: EngineStats) -> EngineStats:
-    """``stats`` with every gauge zero: what a dead instance still adds to the sums."""
-    return EngineStats(**{f.name: getattr(stats, f.name) for f in fields(EngineStats)
-                          if f.name.endswith("_total") and f.name not in _GAUGES})
 
 
 def _final(request_id: str, reason: str) -> RequestOutput:

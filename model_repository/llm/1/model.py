@@ -15,7 +15,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 import preemptserve
-from preemptserve.cluster.frontend import DOWNTIME_BUCKETS_S
+from preemptserve.cluster.stats import DOWNTIME_BUCKETS_S
 from preemptserve.config import serving_config_from_parameters
 from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from preemptserve.serving.engine_loop import EngineLoop, QueueFullError
