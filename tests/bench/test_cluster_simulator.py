@@ -11,30 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_simulator import COST, MIB  # the same small cost model
 
 from preemptserve.bench.cli import main
 from preemptserve.bench.workload import RequestSpec, Workload, synthetic
 from preemptserve.cluster.migration import MigrationStatus
 from preemptserve.sim.cluster import ClusterResult, ClusterSimConfig, ClusterSimulator
 from preemptserve.sim.cluster_moves import MIGRATION_COSTS, MigrationCost, migration_cost
-from preemptserve.sim.cost_model import IterationCostModel
 from preemptserve.sim.simulator import SimConfig, Simulator
 
-MIB = 2**20
-COST = IterationCostModel(
-    fixed_s=0.005,
-    per_prefill_token_s=2e-4,
-    per_decode_token_s=1e-3,
-    per_decode_context_token_s=1e-6,
-    per_prefill_attention_s=1e-8,
-    per_sampled_token_s=1e-4,
-    swap_fixed_s=1e-4,
-    swap_bytes_per_s=5e9,
-    kv_bytes_per_token=32768,  # 512 KiB blocks of 16 tokens
-    max_model_len=2048,
-    request_latency_s=0.001,
-    response_latency_s=0.002,
-)
 LOCAL_POLICIES = ("fcfs", "skip_join_mlfq", "apt")
 
 
