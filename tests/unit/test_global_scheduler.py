@@ -194,6 +194,66 @@ def test_dispatch_never_picks_a_dead_instance(policy: str, num_instances: int,
                 assert alive[dispatcher.choose(op[1])]
 
 
+@pytest.mark.parametrize("policy", DISPATCH_POLICIES)
+def test_an_added_instance_grows_the_numbers_and_takes_requests_once_alive(policy) -> None:
+    dispatcher = Dispatcher(policy, 1)
+    dispatcher.update(0, load(used=80, running=8))
+    assert dispatcher.add_instance(alive=False) == 1 and dispatcher.num_instances == 2
+    assert dispatcher.load(1) is None
+    assert [dispatcher.choose(1) for _ in range(3)] == [0, 0, 0]  # starting: not yet
+    dispatcher.set_alive(1, True)
+    dispatcher.update(1, load(used=0, running=0))
+    assert dispatcher.choose(1) == 1
+    dispatcher.set_draining(1, True)
+    assert dispatcher.choose(1) == 0
+    assert dispatcher.add_instance() == 2  # alive at once, empty: the freest (and next)
+    assert dispatcher.choose(1) == 2
+    with pytest.raises(ValueError, match="0..2"):
+        dispatcher.update(3, None)
+
+
+@settings(max_examples=200)
+@given(
+    st.sampled_from(DISPATCH_POLICIES),
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.booleans()),
+            st.tuples(st.just("update"), st.integers(0, 7), st.one_of(st.none(), loads())),
+            st.tuples(st.just("alive"), st.integers(0, 7), st.booleans()),
+            st.tuples(st.just("draining"), st.integers(0, 7), st.booleans()),
+            st.tuples(st.just("choose"), st.integers(0, 30)),
+        ),
+        max_size=40,
+    ),
+)
+def test_a_growing_dispatcher_picks_only_alive_instances_not_draining(
+        policy: str, ops: list[tuple]) -> None:
+    dispatcher = Dispatcher(policy, 1)
+    takes = [True]
+    alive, draining = [True], [False]
+    for op in ops:
+        n = dispatcher.num_instances
+        if op[0] == "add":
+            assert dispatcher.add_instance(op[1]) == n
+            alive.append(op[1])
+            draining.append(False)
+        elif op[0] == "update" and op[1] < n:
+            dispatcher.update(op[1], op[2])
+        elif op[0] == "alive" and op[1] < n:
+            dispatcher.set_alive(op[1], op[2])
+            alive[op[1]] = op[2]
+        elif op[0] == "draining" and op[1] < n:
+            dispatcher.set_draining(op[1], op[2])
+            draining[op[1]] = op[2]
+        elif op[0] == "choose":
+            takes = [a and not d for a, d in zip(alive, draining, strict=True)]
+            if not any(takes):
+                with pytest.raises(NoInstanceError):
+                    dispatcher.choose(op[1])
+            else:
+                assert takes[dispatcher.choose(op[1])]
+
+
 @given(st.lists(loads(), min_size=1, max_size=8), st.integers(0, 30))
 def test_load_policy_picks_the_max_freeness_lowest_id_on_ties(
     reports: list[InstanceLoad], prompt_blocks: int

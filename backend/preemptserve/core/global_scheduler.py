@@ -58,6 +58,9 @@ class Dispatcher:
 
     A draining instance (``set_draining``, or a report with ``draining``) takes no new
     request, as a dead one (Llumnix's terminating instance, F = -inf).
+
+    ``add_instance`` grows the instances by one (auto-scaling); numbers are never reused:
+    an instance stopped for good stays, not alive.
     """
 
     def __init__(self, policy: str, num_instances: int) -> None:
@@ -76,6 +79,18 @@ class Dispatcher:
         self._alive = [True] * num_instances
         self._draining = [False] * num_instances
         self._next = 0  # round_robin's next instance
+
+    def add_instance(self, alive: bool = True) -> int:
+        """One more instance, numbered ``num_instances`` (returned), without a report yet;
+        ``alive=False``: it takes no request until ``set_alive`` (e.g. until it reports)."""
+        instance = self.num_instances
+        self.num_instances += 1
+        self._loads.append(None)
+        self._reported.append(None)
+        self._num_dispatched.append(0)
+        self._alive.append(alive)
+        self._draining.append(False)
+        return instance
 
     def update(self, instance: int, load: InstanceLoad | None) -> None:
         """The newest load report of ``instance``; drops the requests accounted on it."""
