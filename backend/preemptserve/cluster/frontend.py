@@ -21,7 +21,19 @@ serves a cluster exactly as it serves one engine.
   its request (``SR``) and drives the move; the result comes back in its report, and a
   committed move makes the destination the owner.
 * **Failures**: an instance whose poll fails is dead: its requests end with an error
-  response, it gets no new ones, the others serve on. With none left the model fails.
+  response, it gets no new ones, the others serve on. With none left the model fails
+  (with auto-scaling: once no new instance can start either).
+* **Auto-scaling** (``enable_scaling``): every polling interval ``ScalingPolicy.decide``
+  (``core/scaling.py``) reads the newest reports. *Add*: a drain in progress is called
+  off first (that instance is warm), then new instances start on threads of their own
+  (``Instances.start_instance``: seconds of model load that block nothing else); a new
+  instance takes requests from its first report on. *Drain*: the instance takes no new
+  request, and every interval one of its started requests moves to the freest other
+  instance (``drain_pairs``, the migration machinery, one move at a time); requests
+  that never started stay and start there (see ``_drain``); once it holds nothing it
+  is stopped (``Instances.stop_instance``), its counters staying in the sums. Never
+  more than ``max_instances`` instances exist (starting and draining ones included),
+  nor fewer than ``min_instances`` serve: a dead one below it is replaced.
 """
 
 from __future__ import annotations
@@ -30,12 +42,14 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Protocol
 
 from ..config import ClusterConfig
-from ..core.global_scheduler import Dispatcher, NoInstanceError, pair_migrations
+from ..core.global_scheduler import Dispatcher, NoInstanceError, drain_pairs, pair_migrations
 from ..core.request import SamplingParams
 from ..core.scheduler.load import InstanceLoad
 from ..engine.llm_engine import EngineStats, RequestOutput
@@ -47,6 +61,17 @@ from .stats import ClusterStats, counters_only, sum_stats
 
 logger = logging.getLogger(__name__)
 
+
+class InstanceState(Enum):
+    STARTING = "starting"  # up, not reported yet: takes no request
+    ALIVE = "alive"
+    DRAINING = "draining"  # takes no request; its requests move out; stopped once empty
+    STOPPING = "stopping"  # drained and empty, being stopped
+    STOPPED = "stopped"
+    DEAD = "dead"
+
+
+_LIVE = frozenset({InstanceState.STARTING, InstanceState.ALIVE, InstanceState.DRAINING})
 
 
 class Instances(Protocol):
@@ -65,6 +90,15 @@ class Instances(Protocol):
 
     def migrate_out(self, source: int, destination: int, request_id: str,
                     config: MigrationConfig) -> None: ...
+
+    # Auto-scaling only:
+    def start_instance(self) -> int:
+        """Start one more instance; returns its number once it serves (blocks meanwhile)."""
+        ...
+
+    def stop_instance(self, instance: int) -> None:
+        """Stop an instance (drained: it holds no request) and free its resources."""
+        ...
 
 
 @dataclass(eq=False)
@@ -114,7 +148,11 @@ class ClusterFrontend:
         self._num_waiting_first = 0  # requests without their first output yet
         self._waiting_first: set[str] = set()
         self._num_rejected = 0
-        self._alive = [True] * self._n
+        # By instance number; grows as instances start (None: a number whose start failed).
+        self._states: list[InstanceState | None] = [InstanceState.ALIVE] * self._n
+        self._scaling = config.scaling_policy() if config.enable_scaling else None
+        self._num_launching = 0  # starts in flight (their numbers come when they are up)
+        self._no_start_before = 0.0  # monotonic time: a start failed, wait an interval
         self._loads: dict[int, InstanceLoad] = {}
         self._stats: dict[int, EngineStats] = {}
         self._moving: dict[str, tuple[int, int]] = {}  # request -> (source, destination)
@@ -123,17 +161,19 @@ class ClusterFrontend:
         self._sender = ResponseSender(cancellation_check_period_s, self._pollable,
                                       self._forget, self.cancel)
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._poll_instance, args=(i,),
-                                          name=f"poll-instance-{i}", daemon=True)
-                         for i in range(self._n)]
-        if config.enable_migration:
-            self._threads.append(threading.Thread(target=self._pair, name="migration-pairing",
+        self._threads = [self._poller(i) for i in range(self._n)]
+        if config.enable_migration or config.enable_scaling:
+            self._threads.append(threading.Thread(target=self._control, name="cluster-control",
                                                   daemon=True))
 
     def start(self) -> None:
         self._sender.start()
         for thread in self._threads:
             thread.start()
+
+    def _poller(self, instance: int) -> threading.Thread:
+        return threading.Thread(target=self._poll_instance, args=(instance,),
+                                name=f"poll-instance-{instance}", daemon=True)
 
     # -- EngineLoop's interface ---------------------------------------------------------------
 
@@ -198,11 +238,13 @@ class ClusterFrontend:
                 config: MigrationConfig | None = None) -> bool:
         """Start moving a request to ``destination`` now (operators, tests, benchmarks),
         in stages as ``config`` says (default: the cluster's); False if it is not served,
-        or moving already, or the destination is its owner or dead."""
+        or moving already, or the destination is its owner or not serving (dead,
+        starting, draining)."""
         with self._lock:
             routed = self._requests.get(request_id)
             if (routed is None or routed.ended or routed.moving_to is not None
-                    or routed.owner == destination or not self._alive[destination]):
+                    or routed.owner == destination
+                    or self._state(destination) is not InstanceState.ALIVE):
                 return False
             source = routed.owner
             self._start_move(request_id, source, destination)
@@ -221,18 +263,25 @@ class ClusterFrontend:
                 routed.ended = True
                 self._sender.put(routed, _final(routed.request_id, "error"),
                                   "the model is shutting down")
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(timeout_s)
         self._sender.stop(timeout_s)
+
+    def instance_states(self) -> dict[int, InstanceState]:
+        """Each instance's state (instances that never came up are left out)."""
+        with self._lock:
+            return {i: state for i, state in enumerate(self._states) if state is not None}
 
     # -- reports -------------------------------------------------------------------------------
 
     def _poll_instance(self, instance: int) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._stopped(instance):
             try:
                 report = self.instances.poll(instance, self._interval_s)
             except Exception as exc:
-                if not self._stop.is_set():
+                if not self._stop.is_set() and not self._stopped(instance):
                     self._instance_died(instance, str(exc))
                 return
             self._on_report(report)
@@ -244,19 +293,27 @@ class ClusterFrontend:
             report.load = replace(report.load,
                                   priority_headroom_blocks=self.config.priority_headroom_blocks)
         with self._lock:
+            state = self._states[i]
+            if state in (InstanceState.STOPPING, InstanceState.STOPPED):
+                return  # drained: its counters are in the sums already
+            if state is InstanceState.DRAINING:
+                report.load = replace(report.load, draining=True)
+            elif state is InstanceState.STARTING:  # its first report: it takes requests
+                self._states[i] = state = InstanceState.ALIVE
+                self._dispatcher.set_alive(i, True)
             self._loads[i] = report.load
             self._stats[i] = report.stats
             self.stats.freeness[i] = report.load.migration_freeness
-            if self._alive[i]:
+            if state in _LIVE:
                 self._dispatcher.update(i, report.load)
                 if report.failure is not None:  # its requests got errors from it
-                    self._alive[i] = False
+                    self._states[i] = InstanceState.DEAD
                     self._dispatcher.set_alive(i, False)
             for output, error in report.outputs:
                 aborts.extend(self._route(i, output, error))
             for request_id, result in report.migrations:
                 aborts.extend(self._end_move(request_id, result))
-            self.stats.num_alive = sum(self._alive)
+            self._count_instances()
             stats = sum_stats(self._stats.values())
         for instance, request_id in aborts:
             self._abort_on(instance, request_id)
@@ -305,9 +362,9 @@ class ClusterFrontend:
     def _instance_died(self, instance: int, reason: str) -> None:
         logger.error("engine instance %d failed: %s", instance, reason)
         with self._lock:
-            self._alive[instance] = False
+            self._states[instance] = InstanceState.DEAD
             self._dispatcher.set_alive(instance, False)
-            self.stats.num_alive = sum(self._alive)
+            self._count_instances()
             if instance in self._stats:  # its counters stay; its gauges drop to zero
                 self._stats[instance] = counters_only(self._stats[instance])
             self._loads.pop(instance, None)
@@ -322,35 +379,221 @@ class ClusterFrontend:
             for request_id, (source, _) in list(self._moving.items()):
                 if source == instance:  # its result never comes: its destination is free
                     del self._moving[request_id]
-            if not any(self._alive):
+            # With auto-scaling the next round starts new instances (below min_instances
+            # at once); the model fails only if they cannot start.
+            if self._scaling is None and not self._any_live():
                 self._failure = f"every engine instance failed (the last: {reason})"
+        self._report_failure()
+
+    def _report_failure(self) -> None:
         if self._failure is not None and self._on_failure is not None:
             on_failure, failure = self._on_failure, self._failure
             self._sender.call(lambda: on_failure(failure))
 
+    # -- instance states (under the lock) --------------------------------------------------
+
+    def _state(self, instance: int) -> InstanceState | None:
+        """None: no such instance, or it never came up."""
+        return self._states[instance] if 0 <= instance < len(self._states) else None
+
+    def _stopped(self, instance: int) -> bool:
+        return self._states[instance] in (InstanceState.STOPPING, InstanceState.STOPPED)
+
+    def _any_live(self) -> bool:
+        return self._num_launching > 0 or any(state in _LIVE for state in self._states)
+
+    def _count_instances(self) -> None:
+        count = Counter(self._states)
+        self.stats.num_alive = count[InstanceState.ALIVE]
+        self.stats.num_starting = self._num_launching + count[InstanceState.STARTING]
+        self.stats.num_draining = count[InstanceState.DRAINING]
+        self.stats.num_instances = (self.stats.num_alive + self.stats.num_starting
+                                    + self.stats.num_draining)
+
     # -- migration -----------------------------------------------------------------------------
 
-    def _pair(self) -> None:
+    def _control(self) -> None:
+        """Every polling interval: migration pairing, then auto-scaling."""
         while not self._stop.wait(self._interval_s):
-            with self._lock:
-                busy = {i for pair in self._moving.values() for i in pair}
-                loads = {i: load for i, load in self._loads.items() if self._alive[i]}
-            for source, destination in pair_migrations(loads, self.config.migrate_out_threshold,
-                                                       busy):
+            if self.config.enable_migration:
+                self._pair()
+            if self._scaling is not None:
                 try:
-                    request_id = self.instances.pick_request(
-                        source, self.config.migration_request_policy)
-                except Exception:
-                    logger.exception("instance %d could not pick a request to move", source)
+                    self._scale()
+                except Exception:  # a bug here must not end pairing or scaling for good
+                    logger.exception("auto-scaling round failed")
+
+    def _pair(self) -> None:
+        with self._lock:
+            busy = {i for pair in self._moving.values() for i in pair}
+            loads = {i: load for i, load in self._loads.items() if self._states[i] in _LIVE}
+        # Draining instances' loads say so: pair_migrations leaves them to _drain.
+        for source, destination in pair_migrations(loads, self.config.migrate_out_threshold,
+                                                   busy):
+            self._move_one(source, destination)
+
+    def _move_one(self, source: int, destination: int) -> None:
+        """The source picks its request (by the request policy) and moves it."""
+        try:
+            request_id = self.instances.pick_request(source,
+                                                     self.config.migration_request_policy)
+        except Exception:
+            logger.exception("instance %d could not pick a request to move", source)
+            return
+        if request_id is None:
+            return
+        with self._lock:
+            routed = self._requests.get(request_id)
+            if (routed is None or routed.ended or routed.moving_to is not None
+                    or self._state(destination) not in _LIVE):
+                return
+            self._start_move(request_id, source, destination)
+        self.instances.migrate_out(source, destination, request_id, self._migration)
+
+    # -- auto-scaling ------------------------------------------------------------------------
+
+    def _scale(self) -> None:
+        """One round: act on ``ScalingPolicy.decide``, move the draining instances'
+        requests out, and stop those that are empty."""
+        assert self._scaling is not None
+        most = self.config.scaling_max_instances
+        moves: list[tuple[int, int]] = []
+        with self._lock:
+            if self._failure is not None or self._stop.is_set():
+                return
+            loads = {i: load for i, load in self._loads.items()
+                     if self._states[i] in (InstanceState.ALIVE, InstanceState.DRAINING)}
+            count = Counter(self._states)
+            # Not reporting yet (starting, or just up with the frontend): empty instances
+            # to the policy, so that a first round before any report adds nothing.
+            num_starting = self._num_launching + sum(
+                1 for i, state in enumerate(self._states)
+                if state in _LIVE and i not in loads)
+            now = time.monotonic()
+            decision = self._scaling.decide(loads, now, num_starting)
+            num_start = 0
+            if decision.add:
+                # A draining instance is there already: keep it rather than start one.
+                kept = sorted(i for i in loads
+                              if self._states[i] is InstanceState.DRAINING)[:decision.add]
+                for i in kept:
+                    self._set_draining(i, False)
+                    self.stats.scaling_events["undrain"] += 1
+                # Every instance holding resources counts towards max_instances.
+                held = self._num_launching + sum(count[state] for state in (
+                    *_LIVE, InstanceState.STOPPING))
+                num_start = max(0, min(decision.add - len(kept), most - held))
+                if now < self._no_start_before:
+                    num_start = 0
+                self._num_launching += num_start
+                self.stats.scaling_events["add"] += num_start
+                if num_start:
+                    logger.info("auto-scaling: starting %d instance(s) (cluster freeness %.1f)",
+                                num_start, decision.freeness)
+            elif (decision.drain is not None
+                  and count[InstanceState.ALIVE] > self.config.min_instances):
+                # (The policy counts starting instances as serving; they do not yet.)
+                logger.info("auto-scaling: draining instance %d (cluster freeness %.1f)",
+                            decision.drain, decision.freeness)
+                self._set_draining(decision.drain, True)
+                self.stats.scaling_events["drain"] += 1
+            busy = {i for pair in self._moving.values() for i in pair}
+            takers = {i: self._loads[i] for i in loads
+                      if self._states[i] is InstanceState.ALIVE}
+            for i in sorted(loads):
+                if self._states[i] is not InstanceState.DRAINING:
                     continue
-                if request_id is None:
-                    continue
-                with self._lock:
-                    routed = self._requests.get(request_id)
-                    if routed is None or routed.ended or routed.moving_to is not None:
-                        continue
-                    self._start_move(request_id, source, destination)
-                self.instances.migrate_out(source, destination, request_id, self._migration)
+                if self._is_empty(i, busy):
+                    self._retire(i)
+                elif (destination := drain_pairs(i, takers, busy)) is not None:
+                    moves.append((i, destination))
+                    busy |= {i, destination}
+            self._count_instances()
+        for _ in range(num_start):
+            threading.Thread(target=self._launch, name="start-instance", daemon=True).start()
+        for source, destination in moves:
+            self._move_one(source, destination)
+
+    def _set_draining(self, instance: int, draining: bool) -> None:
+        """(Under the lock.) A draining instance takes no request and its load says so."""
+        self._states[instance] = InstanceState.DRAINING if draining else InstanceState.ALIVE
+        self._dispatcher.set_draining(instance, draining)
+        if instance in self._loads:
+            self._loads[instance] = replace(self._loads[instance], draining=draining)
+            if not draining:  # its reports said draining: it takes requests again now
+                self._dispatcher.update(instance, self._loads[instance])
+
+    def _is_empty(self, instance: int, busy: set[int]) -> bool:
+        """(Under the lock.) A draining instance holds nothing: no move in or out, no
+        request of the frontend's on it, and its newest report says no request and no
+        block. Requests that never started are not moved (a move carries a started
+        request's state and KV): they start there, as its running ones leave, and move
+        next. Re-dispatching them instead would race their start there (a first token
+        may be out already) and needs their prompts, which the frontend does not keep."""
+        load = self._loads.get(instance)
+        return (load is not None and instance not in busy
+                and not (load.num_running or load.num_waiting or load.num_used_blocks)
+                and not any(routed.owner == instance or routed.moving_to == instance
+                            for routed in self._requests.values() if not routed.ended))
+
+    def _retire(self, instance: int) -> None:
+        """(Under the lock.) Stop an empty drained instance: its counters stay in the
+        sums (Prometheus counters never go down), its gauges and freeness drop."""
+        logger.info("auto-scaling: instance %d is drained; stopping it", instance)
+        self._states[instance] = InstanceState.STOPPING
+        self._dispatcher.set_alive(instance, False)
+        if instance in self._stats:
+            self._stats[instance] = counters_only(self._stats[instance])
+        self._loads.pop(instance, None)
+        self.stats.freeness.pop(instance, None)
+        self.stats.scaling_events["stop"] += 1
+        threading.Thread(target=self._stop_instance, args=(instance,),
+                         name=f"stop-instance-{instance}", daemon=True).start()
+
+    def _stop_instance(self, instance: int) -> None:
+        try:
+            self.instances.stop_instance(instance)
+        except Exception:
+            logger.exception("stopping instance %d failed", instance)
+        with self._lock:
+            self._states[instance] = InstanceState.STOPPED
+            self._count_instances()
+            stats = sum_stats(self._stats.values())
+        self._publish(stats)
+
+    def _launch(self) -> None:
+        """Start one instance (a thread of its own: it takes seconds); it takes requests
+        from its first report on."""
+        try:
+            instance = self.instances.start_instance()
+        except Exception as exc:
+            logger.exception("auto-scaling: an instance could not start")
+            with self._lock:
+                self._num_launching -= 1
+                self.stats.scaling_events["add_failed"] += 1
+                self._no_start_before = time.monotonic() + self.config.scaling_interval_s
+                if not self._any_live() and self._failure is None:
+                    self._failure = ("every engine instance failed and a new one could not "
+                                     f"start: {exc}")
+                self._count_instances()
+            self._report_failure()
+            return
+        with self._lock:
+            self._num_launching -= 1
+            stopping = self._stop.is_set()
+            if not stopping:
+                while len(self._states) <= instance:  # numbers of failed starts stay unused
+                    self._states.append(None)  # type: ignore[arg-type]
+                    self._dispatcher.add_instance(alive=False)
+                self._states[instance] = InstanceState.STARTING
+                poller = self._poller(instance)
+                self._threads.append(poller)
+                poller.start()
+                self._count_instances()
+        if stopping:
+            self.instances.stop_instance(instance)
+        else:
+            logger.info("auto-scaling: instance %d is up", instance)
 
     def _start_move(self, request_id: str, source: int, destination: int) -> None:
         self._requests[request_id].moving_to = destination
@@ -369,7 +612,7 @@ class ClusterFrontend:
         if routed is None or destination is None:
             return []
         routed.owner = destination
-        if not self._alive[destination] and not routed.ended:  # it died before this report
+        if self._states[destination] not in _LIVE and not routed.ended:  # it died before
             self._end(routed, _final(request_id, "error"),
                       f"engine instance {destination} failed; the request was lost")
         return [(destination, request_id)] if routed.ended or routed.cancelled else []

@@ -11,13 +11,17 @@ given (numpy arrays the source read for this move, nothing else holds them).
 ``kill(instance)`` stands for a dead instance process: the instance stops, its later
 polls and picks raise ``InstanceDied`` (its pending outputs are lost with it, as with
 Ray), calls to it as a move's destination fail, and requests sent to it vanish.
+
+Auto-scaling: ``start_instance`` builds one more instance with the ``factory`` given
+(blocking, as ``RayCluster``'s waits for its actor's model load) and ``stop_instance``
+stops one as ``kill`` does.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..core.request import SamplingParams
@@ -30,13 +34,17 @@ logger = logging.getLogger(__name__)
 
 class LocalInstances:
     """``EngineInstance``s of this process as the frontend's ``Instances``; instance ``i``
-    is ``instances[i]``. ``shutdown`` stops them all."""
+    is ``instances[i]`` (None while it starts, or if it could not). ``shutdown`` stops them
+    all. ``factory(instance_id)`` builds the instances ``start_instance`` adds."""
 
-    def __init__(self, instances: Sequence[EngineInstance]) -> None:
-        self.instances = list(instances)
+    def __init__(self, instances: Sequence[EngineInstance],
+                 factory: Callable[[int], EngineInstance] | None = None) -> None:
+        self.instances: list[EngineInstance | None] = list(instances)
+        self._factory = factory
         self._killed: set[int] = set()
         self._moves: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def num_instances(self) -> int:
@@ -44,12 +52,12 @@ class LocalInstances:
 
     def add_request(self, instance: int, request_id: str, prompt: str,
                     sampling: SamplingParams, **kwargs: Any) -> None:
-        if instance not in self._killed:
-            self.instances[instance].add_request(request_id, prompt, sampling, **kwargs)
+        if (target := self._running(instance)) is not None:
+            target.add_request(request_id, prompt, sampling, **kwargs)
 
     def abort(self, instance: int, request_id: str) -> None:
-        if instance not in self._killed:
-            self.instances[instance].abort(request_id)
+        if (target := self._running(instance)) is not None:
+            target.abort(request_id)
 
     def poll(self, instance: int, max_wait_s: float) -> InstanceReport:
         """The instance's outputs since the last poll; ``InstanceDied`` once it is killed."""
@@ -69,7 +77,7 @@ class LocalInstances:
         def call(method: str, *args: Any) -> Any:
             return getattr(self._alive(destination), method)(*args)
 
-        thread = threading.Thread(target=self.instances[source].migrate_out,
+        thread = threading.Thread(target=self._alive(source).migrate_out,
                                   args=(request_id, Peer(call), config),
                                   name=f"migrate-{source}-to-{destination}", daemon=True)
         with self._lock:
@@ -77,16 +85,41 @@ class LocalInstances:
             self._moves.append(thread)
         thread.start()
 
+    def start_instance(self) -> int:
+        """Build one more instance (blocks while its model loads); returns its number."""
+        if self._factory is None:
+            raise RuntimeError("these instances have no factory: none can be added")
+        with self._lock:
+            instance = len(self.instances)
+            self.instances.append(None)  # the number is taken; calls to it fail until up
+            self._killed.add(instance)
+        built = self._factory(instance)  # raising: the number stays unused
+        with self._lock:
+            self.instances[instance] = built
+            if not self._closed:
+                self._killed.discard(instance)
+                return instance
+        built.shutdown()
+        raise InstanceDied(f"engine instance {instance}: shut down while it started")
+
+    def stop_instance(self, instance: int, timeout_s: float = 10.0) -> None:
+        """Stop an instance (drained: it holds no request); its later polls raise."""
+        self.kill(instance)
+
     def kill(self, instance: int) -> None:
         """The instance dies: it stops, and the frontend learns it from its next poll."""
         with self._lock:
             if instance in self._killed:
                 return
             self._killed.add(instance)
-        self.instances[instance].shutdown()
+            target = self.instances[instance]
+        if target is not None:
+            target.shutdown()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop every instance still running, and wait for the moves in flight."""
+        with self._lock:
+            self._closed = True
         for instance in range(self.num_instances):
             self.kill(instance)
         with self._lock:
@@ -94,7 +127,10 @@ class LocalInstances:
         for thread in moves:
             thread.join(timeout_s)
 
+    def _running(self, instance: int) -> EngineInstance | None:
+        return None if instance in self._killed else self.instances[instance]
+
     def _alive(self, instance: int) -> EngineInstance:
-        if instance in self._killed:
+        if (target := self._running(instance)) is None:
             raise InstanceDied(f"engine instance {instance} died: it was killed")
-        return self.instances[instance]
+        return target

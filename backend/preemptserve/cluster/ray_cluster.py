@@ -149,7 +149,12 @@ class RayInstance(EngineInstance):
 
 class RayCluster:
     """Starts (or joins) Ray and ``num_instances`` instance actors; ``shutdown`` ends them,
-    and the private cluster if this object started it. Construct it in the main thread."""
+    and the private cluster if this object started it. Construct it in the main thread.
+
+    Auto-scaling: ``start_instance`` adds one actor (any thread; it blocks while the actor
+    loads its model), ``stop_instance`` ends one and frees its resources. Instance numbers
+    are never reused. A private cluster is sized for ``max_instances`` with scaling on.
+    """
 
     def __init__(self, config: ClusterConfig, engine: EngineConfig, name: str = "llm") -> None:
         import ray
@@ -176,25 +181,21 @@ class RayCluster:
                 from ray._private import ray_constants
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
+            most = config.scaling_max_instances if config.enable_scaling \
+                else config.num_instances
             if private:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1,
-                                                       config.num_instances
-                                                       * config.cpus_per_instance),
+                                                       most * config.cpus_per_instance),
                          include_dashboard=False, log_to_driver=False,
                          _temp_dir=config.ray_temp_dir or None, namespace="preemptserve")
             else:
                 ray.init(address=config.ray_address, log_to_driver=False,
                          namespace="preemptserve")
-        actor = ray.remote(num_cpus=config.cpus_per_instance, concurrency_groups=_GROUPS,
-                           max_restarts=0)(RayInstance)
-        timeout = config.migration_timeout_s
-        self.handles = [
-            actor.remote(i, engine, torch_threads=config.cpus_per_instance,
-                         reservation_timeout_s=timeout,
-                         migration_transport=config.migration_transport,
-                         stats_period_s=config.polling_interval_ms / 1000)
-            for i in range(config.num_instances)
-        ]
+        self._actor = ray.remote(num_cpus=config.cpus_per_instance,
+                                 concurrency_groups=_GROUPS, max_restarts=0)(RayInstance)
+        self._engine = engine
+        self._lock = threading.Lock()
+        self.handles = [self._new_actor(i) for i in range(config.num_instances)]
         try:
             # Each loads the model (seconds); a broken config fails here, loudly.
             self.infos: list[dict[str, Any]] = ray.get(
@@ -202,7 +203,13 @@ class RayCluster:
         except Exception:
             self.shutdown()
             raise
-        self._lock = threading.Lock()
+
+    def _new_actor(self, instance: int):
+        config = self.config
+        return self._actor.remote(instance, self._engine, torch_threads=config.cpus_per_instance,
+                                  reservation_timeout_s=config.migration_timeout_s,
+                                  migration_transport=config.migration_transport,
+                                  stats_period_s=config.polling_interval_ms / 1000)
 
     @property
     def num_instances(self) -> int:
@@ -237,6 +244,40 @@ class RayCluster:
                                                    config, self.config.migration_timeout_s,
                                                    destination)
 
+    # -- scaling -------------------------------------------------------------------------------
+
+    def start_instance(self, timeout_s: float = 600.0) -> int:
+        """Start one more instance actor and wait until its model is loaded; returns its
+        number. Raises if it does not come up (the actor is then killed)."""
+        with self._lock:
+            instance = len(self.handles)
+            handle = self._new_actor(instance)
+            self.handles.append(handle)
+            self.infos.append({"instance_id": instance})  # until it answers
+        try:
+            info = self._ray.get(handle.info.remote(), timeout=timeout_s)
+        except Exception:
+            self._kill(handle)
+            raise
+        self.infos[instance] = info
+        return instance
+
+    def stop_instance(self, instance: int, timeout_s: float = 10.0) -> None:
+        """End an instance actor (gracefully, then by force): its process and its Ray
+        resources are freed. Its later calls fail as a dead actor's."""
+        handle = self.handles[instance]
+        try:
+            self._ray.get(handle.shutdown.remote(), timeout=timeout_s)
+        except Exception:
+            logger.warning("instance %d did not stop gracefully", instance)
+        self._kill(handle)
+
+    def _kill(self, handle: Any) -> None:
+        try:
+            self._ray.kill(handle)
+        except Exception:
+            pass
+
     def _method(self, instance: int, name: str):
         return getattr(self.handles[instance], name).options(concurrency_group=_GROUP_OF[name])
 
@@ -247,15 +288,14 @@ class RayCluster:
         ray = self._ray
         if not ray.is_initialized():
             return
-        pending = [h.shutdown.remote() for h in self.handles]
+        with self._lock:
+            handles = list(self.handles)
+        pending = [h.shutdown.remote() for h in handles]
         try:
             ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
         except Exception:
             logger.exception("stopping the instances failed")
-        for handle in self.handles:
-            try:
-                ray.kill(handle)
-            except Exception:
-                pass
+        for handle in handles:
+            self._kill(handle)
         if self._owns_ray:
             ray.shutdown()

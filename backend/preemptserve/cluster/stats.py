@@ -18,10 +18,15 @@ DOWNTIME_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
 
 @dataclass
 class ClusterStats:
-    """Cluster metrics: instances, their freeness, and the moves so far."""
+    """Cluster metrics: instances, their freeness, the moves and scaling actions so far."""
 
-    num_instances: int = 0
-    num_alive: int = 0
+    num_instances: int = 0  # starting, alive or draining
+    num_alive: int = 0  # serving, taking new requests
+    num_starting: int = 0  # auto-scaling: being started, or not reported yet
+    num_draining: int = 0  # auto-scaling: taking no request, emptied, then stopped
+    # Auto-scaling actions so far: add (instances started), add_failed, drain, undrain (a
+    # drain called off: instances were wanted again), stop (drained instances stopped).
+    scaling_events: Counter = field(default_factory=Counter)
     freeness: dict[int, float] = field(default_factory=dict)  # migration freeness
     migrations_started: int = 0
     migrations_ended: Counter = field(default_factory=Counter)  # (status, reason) -> n
