@@ -76,6 +76,17 @@ class SamplingParams:
     is set (``top_k == 0 and top_p == 0``, TensorRT-LLM's default).
     ``min_length`` suppresses ``end_id`` and stop words until that many tokens exist
     (``may_stop_at``: the one place that rule is written).
+
+    Logit processing (TensorRT-LLM's set; every default leaves the logits untouched):
+    ``repetition_penalty`` divides positive logits and multiplies negative ones of every
+    token seen in prompt + output; ``presence_penalty`` subtracts once per seen token and
+    ``frequency_penalty`` once per occurrence (prompt + output, as TensorRT-LLM counts);
+    ``logit_bias`` adds ``(token_id, bias)`` pairs (TensorRT-LLM's ``embedding_bias``);
+    ``bad_words`` are token sequences never completed (the last token of one is banned
+    while the tokens before it end the sequence). ``stop_token_ids`` are token sequences
+    that end the output when it ends with one; unlike ``stop`` strings they stay in it.
+    ``return_log_probs``, ``return_context_logits``, ``return_generation_logits`` ask the
+    engine for those outputs; they change nothing else.
     """
 
     max_tokens: int = 16
@@ -86,6 +97,15 @@ class SamplingParams:
     min_length: int = 0
     end_id: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    stop_token_ids: tuple[tuple[int, ...], ...] = ()
+    return_log_probs: bool = False
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -103,6 +123,24 @@ class SamplingParams:
             raise ValueError(f"random_seed must fit in uint64, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop words must be non-empty strings")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(
+                f"repetition_penalty must be positive and finite, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if any(len(pair) != 2 or pair[0] < 0 or not math.isfinite(pair[1])
+               for pair in self.logit_bias):
+            raise ValueError("logit_bias must hold (token_id >= 0, finite bias) pairs")
+        for name in ("bad_words", "stop_token_ids"):
+            if any(not words or any(t < 0 for t in words) for words in getattr(self, name)):
+                raise ValueError(f"{name} must be non-empty sequences of token ids >= 0")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any penalty, bias or banned word changes the logits before sampling."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty
+                    or self.frequency_penalty or self.logit_bias or self.bad_words)
 
     def may_stop_at(self, index: int) -> bool:
         """Whether output token ``index`` (0-based) may end the output by ``end_id`` or a
@@ -148,6 +186,9 @@ class Request:
     # RNG (None when greedy) and its incremental detokenizer.
     generator: Any = field(default=None, repr=False)
     detokenizer: Any = field(default=None, repr=False)
+    # Attached by the engine when the request asked for more than tokens (log probs,
+    # logits, timings: ``engine/outputs.py``); None otherwise.
+    extras: Any = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -24,13 +24,20 @@ from ..core.request import (
     SamplingParams,
     check_priority,
 )
-from ..core.scheduler import Scheduler, SchedulerOutput, create_scheduler, policy_class
+from ..core.scheduler import (
+    ScheduledRequest,
+    Scheduler,
+    SchedulerOutput,
+    create_scheduler,
+    policy_class,
+)
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
 from .executor import Executor, LocalExecutor, ShardSpec
 from .iteration_stats import IterationStats
 from .kv_cache import hidden_bytes_per_token, hidden_tokens_per_block, kv_bytes_per_token
 from .migration import RequestMigration
+from .outputs import RequestExtras, RequestMetrics
 from .profiling import (
     load_profile_file,
     measure_hidden_recompute_cost,
@@ -55,6 +62,14 @@ class RequestOutput:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # Only for requests that asked (``SamplingParams.return_*``, ``return_perf_metrics``):
+    # the log prob of each token of ``token_ids``, the prompt's logits [num_prompt_tokens,
+    # vocab] (with the first output), the raw logits of each token [len(token_ids),
+    # vocab], and the request's timings and blocks so far.
+    log_probs: list[float] | None = None
+    context_logits: torch.Tensor | None = None
+    generation_logits: torch.Tensor | None = None
+    metrics: RequestMetrics | None = None
 
 
 @dataclass
@@ -211,6 +226,7 @@ class LLMEngine(RequestMigration):
         echo_prompt: bool = False,
         stream: bool = True,
         priority: str = NORMAL_PRIORITY,
+        return_perf_metrics: bool = False,
     ) -> None:
         """Validate and queue a request. Raises ``ValueError`` with a user-facing message.
 
@@ -218,7 +234,8 @@ class LLMEngine(RequestMigration):
         ``ttft_slo_s`` / ``tbt_slo_s`` override the configured latency objectives.
         ``echo_prompt``: the output text starts with the prompt. ``stream=False``: every
         output but the last has empty text, and the last has all of it. ``priority``:
-        "high" or "normal" (``core/request.py``).
+        "high" or "normal" (``core/request.py``). ``return_perf_metrics``: outputs carry the
+        request's timings and block counts (``RequestOutput.metrics``).
         """
         check_priority(priority)
         if request_id in self.scheduler.requests or request_id in self.scheduler.detached:
@@ -236,6 +253,7 @@ class LLMEngine(RequestMigration):
             raise ValueError(
                 f"end_id must be in [0, {self.args.vocab_size}), got {sampling.end_id}"
             )
+        self._check_token_ids(sampling)
         total = len(prompt_ids) + sampling.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -259,8 +277,20 @@ class LLMEngine(RequestMigration):
                 echo=(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids))
                 if echo_prompt else "",
                 final_only=not stream),
+            extras=RequestExtras.for_request(sampling, len(prompt_ids), return_perf_metrics),
         )
         self.scheduler.add_request(request)
+
+    def _check_token_ids(self, sampling: SamplingParams) -> None:
+        """Token ids of banned and stop sequences and of the logit bias exist in the vocab."""
+        vocab_size = self.args.vocab_size
+        for name, sequences in (("bad_words", sampling.bad_words),
+                                ("stop_words", sampling.stop_token_ids)):
+            if any(t >= vocab_size for words in sequences for t in words):
+                raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
+        if any(token_id >= vocab_size for token_id, _ in sampling.logit_bias):
+            raise ValueError(f"embedding_bias must not be longer than the vocabulary "
+                             f"({vocab_size})")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Remove a request (cancelled); its blocks return. None if unknown or done."""
@@ -303,8 +333,10 @@ class LLMEngine(RequestMigration):
         requests = self.scheduler.requests
         states = {}
         for item in output.scheduled:
-            if item.sample:
-                request = requests[item.request_id]
+            request = requests[item.request_id]
+            if request.extras is not None or request.sampling.processes_logits:
+                states[item.request_id] = self._full_state(request, item)
+            elif item.sample:
                 states[item.request_id] = SamplingState(
                     request.sampling, request.generator, request.num_output_tokens)
         sampled = self.executor.execute(output, states)
@@ -317,8 +349,9 @@ class LLMEngine(RequestMigration):
         stop_hits = set()
         for request, token_id in zip(sampled_requests, sampled.values(), strict=True):
             request.detokenizer.append(token_id)
-            if request.detokenizer.find_stop(
-                    enabled=request.sampling.may_stop_at(request.num_output_tokens)):
+            may_stop = request.sampling.may_stop_at(request.num_output_tokens)
+            if request.detokenizer.find_stop(enabled=may_stop) or (
+                    may_stop and _ends_with_stop_ids(request, token_id)):
                 stop_hits.add(request.request_id)
         finished = self.scheduler.update_from_output(output, sampled, self._last_step_s,
                                                      stop_hits)
@@ -351,9 +384,21 @@ class LLMEngine(RequestMigration):
                 self._num_mixed_mode_steps_total += 1
 
     @staticmethod
+    def _full_state(request: Request, item: ScheduledRequest) -> SamplingState:
+        """The sampling state of a request that processes logits or wants extras; the
+        block counts its extras keep are updated here."""
+        extras = request.extras
+        if extras is not None and extras.want_metrics:
+            extras.num_blocks_total = max(extras.num_blocks_total, len(item.block_ids))
+        history = ((request.prompt_token_ids, request.output_token_ids)
+                   if request.sampling.processes_logits else None)
+        return SamplingState(request.sampling, request.generator, request.num_output_tokens,
+                             history, extras)
+
+    @staticmethod
     def _output(request: Request, token_id: int, finished: bool) -> RequestOutput:
         """One sampled token as an output; ``finished`` and its reason are the scheduler's."""
-        return RequestOutput(
+        output = RequestOutput(
             request_id=request.request_id,
             text=request.detokenizer.take_delta(finished),
             token_ids=[token_id],
@@ -362,6 +407,20 @@ class LLMEngine(RequestMigration):
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
         )
+        extras = request.extras
+        if extras is not None:
+            now = time.monotonic()
+            if extras.first_token_time_s is None:
+                extras.first_token_time_s = now
+            extras.last_token_time_s = now
+            if extras.want_log_probs:
+                output.log_probs = [extras.step_log_prob]  # type: ignore[list-item]
+            if extras.want_generation_logits and extras.step_logits is not None:
+                output.generation_logits = extras.step_logits[None]
+            output.context_logits = extras.take_context_logits()
+            if extras.want_metrics:
+                output.metrics = request_metrics(request)
+        return output
 
     def get_stats(self) -> EngineStats:
         return EngineStats(
@@ -399,6 +458,29 @@ class LLMEngine(RequestMigration):
             for out in self.step():
                 texts[out.request_id] += out.text
         return [texts[i] for i in ids]
+
+
+def request_metrics(request: Request) -> RequestMetrics:
+    """The timings and block counts of a request with extras, as they stand."""
+    extras = request.extras
+    return RequestMetrics(
+        arrival_time_s=request.arrival_time_s,
+        first_scheduled_time_s=request.first_scheduled_time_s,
+        first_token_time_s=extras.first_token_time_s,
+        last_token_time_s=extras.last_token_time_s,
+        num_blocks_total=extras.num_blocks_total,
+        num_blocks_reused=extras.num_blocks_reused,
+    )
+
+
+def _ends_with_stop_ids(request: Request, token_id: int) -> bool:
+    """Whether the output, with ``token_id`` appended, ends with a stop token sequence."""
+    for words in request.sampling.stop_token_ids:
+        if words[-1] != token_id or len(words) > request.num_output_tokens + 1:
+            continue
+        if len(words) == 1 or request.output_token_ids[1 - len(words):] == list(words[:-1]):
+            return True
+    return False
 
 
 def _create_executor(spec: ShardSpec, tensor_parallel_size: int) -> Executor:

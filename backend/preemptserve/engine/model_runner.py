@@ -44,7 +44,11 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
+        # (item, first row) of items whose request wants its prompt's logits.
+        context_items: list[tuple[ScheduledRequest, int]] = []
         for item in ordered:
+            if states is not None and _wants_context_logits(states.get(item.request_id), item):
+                context_items.append((item, len(input_ids)))
             input_ids.extend(item.token_ids)
             start = item.start_position
             positions.extend(range(start, item.context_len))
@@ -64,12 +68,26 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
+        if states is not None:
+            for item, first_row in context_items:
+                self._store_context_logits(hidden, item, first_row, states[item.request_id])
         if not sample_rows or states is None:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         sampled_items = [item for item in ordered if item.sample]
         tokens = sample(logits, [states[item.request_id] for item in sampled_items])
         return {item.request_id: tok for item, tok in zip(sampled_items, tokens, strict=True)}
+
+    def _store_context_logits(self, hidden: torch.Tensor, item: ScheduledRequest,
+                              first_row: int, state: SamplingState) -> None:
+        """Logits of the item's prompt positions, into the request's extras."""
+        extras = state.extras
+        assert extras is not None
+        stop = min(item.context_len, extras.num_prompt_tokens)
+        rows = torch.arange(first_row, first_row + stop - item.start_position,
+                            device=self.device)
+        extras.store_context_logits(item.start_position,
+                                    self.model.compute_logits(hidden[rows]))
 
     def _slots(self, item: ScheduledRequest) -> list[int]:
         bs = self.block_size
@@ -142,3 +160,10 @@ class ModelRunner:
             )
         k_buffer, v_buffer = self._gather_buffers
         return k_buffer[:num_rows], v_buffer[:num_rows]
+
+
+def _wants_context_logits(state: SamplingState | None, item: ScheduledRequest) -> bool:
+    """Whether the item feeds prompt positions of a request that wants their logits."""
+    return (state is not None and state.extras is not None
+            and state.extras.want_context_logits
+            and item.start_position < state.extras.num_prompt_tokens)
