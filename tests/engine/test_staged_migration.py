@@ -73,6 +73,23 @@ def test_staged_move_continues_exactly(engines, sampling):
     assert_idle(reference, source, destination)
 
 
+@pytest.mark.parametrize("sampling", [GREEDY, LONG], ids=["greedy", "seeded"])
+def test_a_waiting_request_moves_with_nothing_to_copy(engines, sampling):
+    """The FCW request policies move requests holding no cache: one stage, no block."""
+    reference, source, destination = engines
+    prompt = random_prompts(23, [40])[0]
+    request_id = f"waiting-{sampling.greedy}-{source.scheduler.policy_name}"
+    expected, got = start(reference, source, request_id, prompt, sampling, steps=0)
+    assert request_id in source.scheduler.migration_candidates(include_waiting=True)
+    assert request_id not in source.scheduler.migration_candidates()
+    result = migrate(source, StagedMigration(source, destination, request_id, STAGED), got)
+    assert result.status is MigrationStatus.COMMITTED, result
+    assert (result.num_stages, result.num_bytes) == (1, 0)
+    run(destination, got)
+    assert_unmoved(got, expected, request_id)
+    assert_idle(reference, source, destination)
+
+
 def test_a_swapped_out_request_moves_host_tier_to_host_tier_in_one_stage(engines):
     reference, source, destination = engines
     prompt = random_prompts(22, [40])[0]

@@ -388,5 +388,41 @@ def test_choose_request_ties_by_id_for_lcr() -> None:
 
 def test_choose_request_without_candidates_or_with_a_bad_policy() -> None:
     assert choose_request([], "LR") is None
-    with pytest.raises(ValueError, match="SR.*LR.*LCR"):
-        choose_request([], "FCW")
+    assert choose_request([], "FCW") is None
+    with pytest.raises(ValueError, match="SR.*LR.*LCR.*FCW"):
+        choose_request([], "FIFO")
+
+
+WAITING = [
+    MigrationCandidate("w2", num_tokens=300, num_blocks=0, on_host=False, age_s=2.0,
+                       waiting=True),
+    MigrationCandidate("w1", num_tokens=900, num_blocks=0, on_host=False, age_s=3.0,
+                       waiting=True),
+    MigrationCandidate("wh", num_tokens=10, num_blocks=0, on_host=False, age_s=9.0,
+                       priority="high", waiting=True),
+]
+
+
+def test_waiting_requests_move_only_by_the_first_waiting_policies() -> None:
+    everything = CANDIDATES + WAITING
+    for policy, expected in (("SR", "a"), ("LR", "c"), ("LCR", "e")):
+        chosen = choose_request(everything, policy)
+        assert chosen is not None and chosen.request_id == expected
+    # FCW: the first come of the waiting ones, normal priority before high.
+    for policy in ("FCW", "FCWSR"):
+        chosen = choose_request(everything, policy)
+        assert chosen is not None and chosen.request_id == "w1"
+    assert choose_request(CANDIDATES, "FCW") is None
+    chosen = choose_request(CANDIDATES, "FCWSR")  # no waiting one: the shortest running
+    assert chosen is not None and chosen.request_id == "a"
+    chosen = choose_request(WAITING[2:], "FCW")  # a high-priority one when alone
+    assert chosen is not None and chosen.request_id == "wh"
+
+
+def test_an_instance_with_only_waiting_requests_is_a_source_for_the_waiting_policies() -> None:
+    # Instance 0: nothing running (its blocks held, e.g. by an incoming move), a queue
+    # whose head does not fit; instance 1 is free.
+    reports = {0: load(used=90, running=0, waiting=3, hol=30, waiting_blocks=50),
+               1: load(used=10, running=2)}
+    assert pair_migrations(reports, 3.0) == []
+    assert pair_migrations(reports, 3.0, waiting_moves=True) == [(0, 1)]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.request import NORMAL_PRIORITY
 from .metrics import RequestTimeline
 from .workload import Workload
 
@@ -110,7 +111,9 @@ async def _run(
                 "inputs": request_inputs,
                 "request_id": str(spec.index),
                 "outputs": outputs,
-                "parameters": parameters,
+                # A high-priority workload entry asks for it (Triton reserves "priority").
+                "parameters": (parameters if spec.priority == NORMAL_PRIORITY
+                               else {**parameters, "request_priority": spec.priority}),
             }
         await all_done.wait()  # keep the stream open until every response is in
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.request import HIGH_PRIORITY, NORMAL_PRIORITY
+
 
 @dataclass(frozen=True)
 class RequestSpec:
@@ -39,6 +41,7 @@ class RequestSpec:
     arrival_time_s: float
     input_tokens: int
     output_tokens: int
+    priority: str = NORMAL_PRIORITY  # "high" or "normal" (the request_priority parameter)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,18 @@ class Workload:
 
     def head(self, num_requests: int) -> Workload:
         return Workload(self.name, self.requests[:num_requests], self.meta)
+
+    def with_priorities(self, high_share: float, seed: int = 0) -> Workload:
+        """The same requests, each high-priority with probability ``high_share`` (drawn
+        from ``seed``, independently of the lengths and arrivals), the rest normal."""
+        if not 0 <= high_share <= 1:
+            raise ValueError(f"high_share must be in [0, 1], got {high_share}")
+        draws = np.random.default_rng(seed).random(len(self.requests))
+        requests = tuple(
+            replace(r, priority=HIGH_PRIORITY if d < high_share else NORMAL_PRIORITY)
+            for r, d in zip(self.requests, draws, strict=True))
+        return Workload(self.name, requests,
+                        {**self.meta, "high_priority_share": high_share, "priority_seed": seed})
 
     def describe(self) -> dict[str, Any]:
         def stats(values: list[float]) -> dict[str, float]:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig
-from ..core.global_scheduler import MigrationCandidate, choose_request
+from ..core.global_scheduler import WAITING_POLICIES, choose_request, migration_candidates
 from ..core.request import SamplingParams
 from ..core.scheduler.load import InstanceLoad
 from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
@@ -170,16 +170,11 @@ class EngineInstance:
     # -- moving a request out (this instance is the source) ----------------------------------
 
     def pick_request(self, policy: str = "SR") -> str | None:
-        """The request to move out by Llumnix's request policy (SR: shortest running)."""
+        """The request to move out by Llumnix's request policy (SR: shortest running;
+        FCW, FCWSR: a request holding no cache first)."""
         def pick(engine: LLMEngine) -> str | None:
-            now = time.monotonic()
-            candidates = []
-            for request_id in engine.migration_candidates():
-                request = engine.scheduler.requests[request_id]
-                on_host, block_ids = engine.request_blocks(request_id)
-                candidates.append(MigrationCandidate(
-                    request_id, request.num_tokens, len(block_ids), on_host,
-                    now - request.arrival_time_s, request.priority))
+            candidates = migration_candidates(engine.scheduler, time.monotonic(),
+                                              include_waiting=policy in WAITING_POLICIES)
             chosen = choose_request(candidates, policy)
             return None if chosen is None else chosen.request_id
 

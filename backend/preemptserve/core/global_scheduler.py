@@ -16,7 +16,9 @@ one), so the Ray runtime and the cluster simulator call the very same functions:
   overloaded instance moves a request to which freer one; ``drain_pairs`` for an
   instance being drained.
 * **Request choice** on the source (``choose_request``): Llumnix's ``SR`` / ``LR`` /
-  ``LCR``, normal-priority requests before high-priority ones.
+  ``LCR`` among started requests, ``FCW`` (the first waiting request: no cache to copy)
+  and ``FCWSR`` (the first waiting one, else the shortest running), normal-priority
+  requests before high-priority ones.
 
 Priorities (llumnix.md 1.2): the load reports carry the high-priority headroom
 (``InstanceLoad.priority_headroom_blocks``); normal requests are dispatched and paired
@@ -32,10 +34,12 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from .request import HIGH_PRIORITY, NORMAL_PRIORITY, check_priority
+from .scheduler.base import Scheduler
 from .scheduler.load import InstanceLoad
 
 DISPATCH_POLICIES = ("round_robin", "balanced", "load")
-REQUEST_POLICIES = ("SR", "LR", "LCR")
+REQUEST_POLICIES = ("SR", "LR", "LCR", "FCW", "FCWSR")
+WAITING_POLICIES = ("FCW", "FCWSR")  # request policies that move requests holding no cache
 MIGRATE_OUT_THRESHOLD = 3.0  # decode steps of memory per request (llumnix.md 1.7)
 
 
@@ -190,12 +194,14 @@ def pair_migrations(
     loads: Mapping[int, InstanceLoad],
     threshold: float = MIGRATE_OUT_THRESHOLD,
     busy: Collection[int] = (),
+    waiting_moves: bool = False,
 ) -> list[tuple[int, int]]:
     """(source, destination) pairs: each source moves one request to its destination.
 
     Llumnix's ``defrag`` pairing (llumnix.md 1.4), on migration freeness ``F``:
 
-    * sources: at least one running request (only started requests are chosen to move)
+    * sources: at least one running request (only started requests are chosen to move;
+      with ``waiting_moves``, the ``FCW`` request policies, a waiting request will do)
       and either ``F < -threshold`` (fewer than ``threshold`` decode steps of memory
       left per request; Llumnix's ``MIGRATE_OUT_THRESHOLD``) or requests preempted
       because memory ran out (``num_memory_preempted``, Llumnix's
@@ -225,9 +231,12 @@ def pair_migrations(
         freeness = load.migration_freeness
         killed = load.num_memory_preempted > 0
         if killed or freeness < -threshold:
-            if load.num_running and (
+            waiting = load.num_waiting if waiting_moves else 0
+            high_waiting = load.num_high_waiting if waiting_moves else 0
+            if (load.num_running or waiting) and (
                     killed or load.physical_migration_freeness < -threshold
-                    or load.num_running > load.num_high_running):
+                    or load.num_running > load.num_high_running
+                    or waiting > high_waiting):
                 sources.append((freeness, instance))
         else:
             destinations.append((freeness, instance))
@@ -269,6 +278,27 @@ class MigrationCandidate:
     on_host: bool  # its KV is on the host tier (preempted by a swap)
     age_s: float  # time since it arrived
     priority: str = NORMAL_PRIORITY
+    # It holds no cache (never scheduled, or preempted by recomputation): moving it
+    # copies nothing; only the FCW policies move such requests.
+    waiting: bool = False
+
+
+def migration_candidates(scheduler: Scheduler, now_s: float,
+                         include_waiting: bool = False) -> list[MigrationCandidate]:
+    """The requests ``scheduler`` could move out now, described for ``choose_request``
+    (``now_s``: the clock of the requests' arrival times). ``include_waiting``: those
+    holding no cache too."""
+    bm = scheduler.block_manager
+    candidates = []
+    for request_id in scheduler.migration_candidates(include_waiting):
+        request = scheduler.requests[request_id]
+        on_host = bm.is_on_host(request_id)
+        num_blocks = (bm.num_host_blocks_of(request_id) if on_host
+                      else bm.num_device_blocks_of(request_id))
+        candidates.append(MigrationCandidate(
+            request_id, request.num_tokens, num_blocks, on_host,
+            now_s - request.arrival_time_s, request.priority, waiting=not num_blocks))
+    return candidates
 
 
 def choose_request(
@@ -278,7 +308,12 @@ def choose_request(
 
     Llumnix's ``REQUEST_MIGRATION_POLICY`` (llumnix.md 1.4), ties by ``request_id``:
     ``SR`` the shortest running request (fewest tokens; the default, cheapest to copy),
-    ``LR`` the longest, ``LCR`` the last come (smallest age). Normal-priority requests
+    ``LR`` the longest, ``LCR`` the last come (smallest age), each among requests
+    holding a cache; ``FCW`` the first-come request holding none (a waiting one: it
+    moves with nothing to copy, and it is what a head-of-line block is made of),
+    ``FCWSR`` that, else the shortest running (Llumnix's FCW takes a waiting request
+    tried once; here any, and a request dropped for recomputation counts as waiting).
+    Normal-priority requests
     come before high-priority ones (the paper's source prefers lower priority), so a
     high-priority request moves only from an instance running no normal one. The tier
     plays no part, as in Llumnix, though a host-tier request moves in one stage with
@@ -292,5 +327,12 @@ def choose_request(
         "SR": lambda c: (c.priority == HIGH_PRIORITY, c.num_tokens, c.request_id),
         "LR": lambda c: (c.priority == HIGH_PRIORITY, -c.num_tokens, c.request_id),
         "LCR": lambda c: (c.priority == HIGH_PRIORITY, c.age_s, c.request_id),
+        "FCW": lambda c: (c.priority == HIGH_PRIORITY, -c.age_s, c.request_id),
     }
-    return min(candidates, key=keys[policy], default=None)
+    candidates = list(candidates)
+    if policy in WAITING_POLICIES:
+        first = min((c for c in candidates if c.waiting), key=keys["FCW"], default=None)
+        if first is not None or policy == "FCW":
+            return first
+        policy = "SR"
+    return min((c for c in candidates if not c.waiting), key=keys[policy], default=None)

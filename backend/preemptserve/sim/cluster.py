@@ -24,7 +24,19 @@ data. Events (``sim/events.py``; ties at one instant in this order):
 * ``ARRIVAL``: a request reaches the frontend ``request_latency_s`` after it was sent; the
   frontend's queue limit (``max_queue_size``: requests without a first token yet, over
   the whole cluster), then ``Dispatcher.choose`` with the blocks of its prompt and first
-  token.
+  token, and the request's priority (``RequestSpec.priority``).
+* **Auto-scaling** (``enable_scaling``; ``core/scaling.py``): at every tick, after the
+  pairing, ``ScalingPolicy.decide`` on the reports of the instances that are up (the
+  draining ones marked ``draining``), with the instances still starting as
+  ``num_starting``. An added instance comes up ``startup_s`` later (``INSTANCE_UP``;
+  the model's load) and takes requests from then on. A drained instance takes no new
+  request (``Dispatcher.set_draining``); at each tick, if it is not in a move, its
+  shortest started request moves to the freest other instance (``drain_pairs``, the
+  server's move; a drain moves requests with ``enable_migration`` off too, it is how an
+  instance empties), and its never-scheduled requests wait to start there first; once
+  it holds no request it stops. Instances are ``0 .. max_instances - 1``; the first
+  ``num_instances`` are up at 0, an added instance is the lowest-numbered one that is
+  off.
 
 A stage takes ``MigrationCost.stage_time_s(bytes)`` = ``fixed_s + bytes / bytes_per_s``
 of virtual time (``bytes``: the stage's blocks x the block size in bytes). During a stage
@@ -46,7 +58,9 @@ Metrics beyond ``SimResult``'s (``ClusterResult.cluster_summary``):
   use, less host-tier blocks of started requests, floored at 0); reported as the share of
   ticks fragmented and the mean over ticks of the summed available blocks while
   fragmented, as a share of all blocks;
-* **instance-seconds**: instances x the virtual time from 0 to the last event of work.
+* **instance-seconds** (cost): the time each instance was on (starting, up or draining),
+  summed, from 0 to the last event of work; without scaling, instances x that time;
+  with scaling also the scale events and the mean number of instances on.
 
 With one instance, ``round_robin`` and no migration, the run equals ``Simulator``'s
 (same iterations, token times, counters; tested), given no ``max_queue_size``: the
@@ -56,6 +70,7 @@ without a first token.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -72,9 +87,11 @@ from ..cluster.migration import (
 )
 from ..config import ClusterConfig, serving_config_from_parameters
 from ..core.global_scheduler import (
+    WAITING_POLICIES,
     Dispatcher,
-    MigrationCandidate,
     choose_request,
+    drain_pairs,
+    migration_candidates,
     pair_migrations,
 )
 from ..core.scheduler.load import InstanceLoad, instance_load
@@ -93,12 +110,19 @@ from .simulator import SimConfig, SimInstance, SimResult, _Tracked, new_request
 if TYPE_CHECKING:  # annotations only: importing it needs torch
     from ..engine.migration import StageOut
 
+# An instance's state (auto-scaling): off, starting (added, loading), up, draining.
+_OFF, _STARTING, _UP, _DRAINING = "off", "starting", "up", "draining"
+
+
 @dataclass(frozen=True)
 class ClusterSimConfig:
     instance: SimConfig  # every instance's engine (the same model, policy and sizes)
     cluster: ClusterConfig
     migration_cost: MigrationCost
     check_invariants: bool = False  # every block manager's check_invariants() after each event
+    # Auto-scaling: the time from adding an instance to its taking requests (loading the
+    # model). Assumed: 20 s, a 7B checkpoint (13.5 GB) read at ~1 GB/s plus start-up.
+    startup_s: float = 20.0
 
     @classmethod
     def from_parameters(
@@ -107,15 +131,18 @@ class ClusterSimConfig:
         cost_model: IterationCostModel,
         migration_cost_name: str = "auto",
         check_invariants: bool = False,
+        startup_s: float = 20.0,
     ) -> ClusterSimConfig:
         """The same ``config.pbtxt`` parameters the server reads (``num_instances``,
-        ``dispatch_policy``, ``enable_migration``, ``migrate_out_threshold``, ...)."""
+        ``dispatch_policy``, ``enable_migration``, ``migrate_out_threshold``,
+        ``enable_scaling``, ...)."""
         cluster = serving_config_from_parameters(parameters).cluster
         return cls(
             SimConfig.from_parameters(parameters, cost_model),
             cluster,
             migration_cost(migration_cost_name, cost_model, cluster.migration_transport),
             check_invariants,
+            startup_s,
         )
 
 
@@ -135,12 +162,12 @@ class ClusterResult(SimResult):
     num_ticks: int = 0
     num_fragmented_ticks: int = 0
     fragmented_free_blocks: int = 0  # summed over fragmented ticks
-    total_blocks: int = 0  # all instances' device blocks
+    tick_blocks: int = 0  # the reporting instances' device blocks, summed over ticks
     dispatched: list[int] = field(default_factory=list)  # requests sent to each instance
-
-    @property
-    def instance_seconds(self) -> float:
-        return self.num_instances * self.end_s
+    instance_seconds: float = 0.0  # each instance's time on, summed
+    enable_scaling: bool = False
+    # (time, "add" | "up" | "drain" | "stop", instance): the scaling timeline
+    scale_events: list[tuple[float, str, int]] = field(default_factory=list)
 
     def counters(self) -> dict[str, Any]:
         return super().counters() | {
@@ -191,11 +218,26 @@ class ClusterResult(SimResult):
                 "ticks": ticks,
                 "fragmented_tick_share": self.num_fragmented_ticks / ticks if ticks else None,
                 "fragmented_free_block_share": (
-                    self.fragmented_free_blocks / (ticks * self.total_blocks)
-                    if ticks and self.total_blocks else None),
+                    self.fragmented_free_blocks / self.tick_blocks
+                    if self.tick_blocks else None),
             },
             "dispatched": {"min": min(self.dispatched, default=0),
                            "max": max(self.dispatched, default=0)},
+            "scaling": self.scaling_summary() if self.enable_scaling else None,
+        }
+
+    def scaling_summary(self) -> dict[str, Any]:
+        """Scale events and the number of instances on (starting, up or draining)."""
+        actions = Counter(action for _, action, _ in self.scale_events)
+        on = self.num_instances
+        low = high = on
+        for _, action, _ in sorted(self.scale_events):
+            on += {"add": 1, "stop": -1}.get(action, 0)
+            low, high = min(low, on), max(high, on)
+        return {
+            "adds": actions["add"], "drains": actions["drain"], "stops": actions["stop"],
+            "min_on": low, "max_on": high,
+            "mean_on": self.instance_seconds / self.end_s if self.end_s else None,
         }
 
 
@@ -218,14 +260,24 @@ class ClusterSimulator:
         self.workload = workload
         self.slo = slo
         self.now_s = 0.0
-        n = config.cluster.num_instances
+        cluster = config.cluster
+        n = cluster.num_instances
+        # With auto-scaling every instance that may ever run exists from the start; the
+        # ones beyond num_instances are off (never dispatched to) until added.
+        n_max = cluster.scaling_max_instances if cluster.enable_scaling else n
         clock = self._clock
         self.instances = [
             SimInstance(config.instance, cost_model, clock,
                         instance_noise_seed(config.instance.noise_seed, i))
-            for i in range(n)
+            for i in range(n_max)
         ]
-        self.dispatcher = Dispatcher(config.cluster.dispatch_policy, n)
+        self.dispatcher = Dispatcher(cluster.dispatch_policy, n_max)
+        for i in range(n, n_max):
+            self.dispatcher.set_alive(i, False)
+        self.scaling = cluster.scaling_policy() if cluster.enable_scaling else None
+        self._state = [_UP] * n + [_OFF] * (n_max - n)
+        self._on_since: list[float | None] = [0.0] * n + [None] * (n_max - n)
+        self._on_s = [0.0] * n_max  # time on, summed over the instance's past periods
         block_bytes = config.instance.block_bytes
         self._sources = [_Source(inst, clock, block_bytes) for inst in self.instances]
         self._destinations = [_Destination(inst) for inst in self.instances]
@@ -239,7 +291,7 @@ class ClusterSimulator:
         """Simulate the whole workload; ``on_finish(n)`` after each ``n`` finishes."""
         wall_start = time.perf_counter()
         cfg, cost, cluster = self.config, self.cost_model, self.config.cluster
-        n = cluster.num_instances
+        n = len(self.instances)
         instances = self.instances
         events = self._events = EventQueue()
         specs = self.workload.requests
@@ -250,10 +302,12 @@ class ClusterSimulator:
         tracked = [_Tracked(s.index, s.arrival_time_s, s.input_tokens) for s in specs]
         by_id: dict[str, _Tracked] = {}
         result = self._result = ClusterResult(
-            cfg.instance.scheduler.policy, tracked, {}, [], num_instances=n,
-            dispatch_policy=cluster.dispatch_policy, enable_migration=cluster.enable_migration,
-            migration_cost=cfg.migration_cost if cluster.enable_migration else None,
-            total_blocks=n * cfg.instance.num_blocks, dispatched=[0] * n)
+            cfg.instance.scheduler.policy, tracked, {}, [],
+            num_instances=cluster.num_instances, dispatch_policy=cluster.dispatch_policy,
+            enable_migration=cluster.enable_migration,
+            migration_cost=(cfg.migration_cost
+                            if cluster.enable_migration or cluster.enable_scaling else None),
+            dispatched=[0] * n, enable_scaling=cluster.enable_scaling)
         self._inboxes: list[list[Any]] = [[] for _ in range(n)]
         self._busy = [False] * n  # an iteration is in flight or a STEP is queued
         self._moving: set[int] = set()  # instances in a move (Llumnix's one at a time)
@@ -330,7 +384,8 @@ class ClusterSimulator:
                     remaining -= 1
                     continue
                 waiting_first += 1
-                i = self.dispatcher.choose(-(-(spec.input_tokens + 1) // block_size))
+                i = self.dispatcher.choose(-(-(spec.input_tokens + 1) // block_size),
+                                           spec.priority)
                 result.dispatched[i] += 1
                 self._queue(i, spec)
             elif kind is TICK:
@@ -338,6 +393,8 @@ class ClusterSimulator:
                     continue  # the last request finished: no more reports
                 self._tick(migrate)
                 events.push(now + tick_s, TICK)
+            elif kind is EventKind.INSTANCE_UP:
+                self._instance_up(payload)
             else:  # STAGE_END: the copy is done; the destination takes it between steps
                 move, out = payload
                 last_work_s = now
@@ -349,6 +406,8 @@ class ClusterSimulator:
             inst.add_counters(result)
         result.preempted_s = sum(self._preempted_s)
         result.end_s = last_work_s
+        result.instance_seconds = sum(self._on_s) + sum(
+            max(0.0, last_work_s - since) for since in self._on_since if since is not None)
         result.wall_s = time.perf_counter() - wall_start
         if by_id:
             raise RuntimeError(f"{len(by_id)} requests never finished")
@@ -373,39 +432,95 @@ class ClusterSimulator:
         loads: dict[int, InstanceLoad] = {}
         total_available = 0
         headroom = self.config.cluster.priority_headroom_blocks  # as the frontend adds it
+        state = self._state
         for i, inst in enumerate(self.instances):
-            load = instance_load(inst.scheduler, headroom)
+            if state[i] is _UP:
+                load = instance_load(inst.scheduler, headroom)
+                total_available += max(0, load.available_blocks)
+                result.tick_blocks += load.num_blocks
+            elif state[i] is _DRAINING:
+                load = dataclasses.replace(instance_load(inst.scheduler, headroom),
+                                           draining=True)
+            else:
+                continue
             loads[i] = load
             self.dispatcher.update(i, load)
-            total_available += max(0, load.available_blocks)
         result.num_ticks += 1
         if any(load.num_waiting and max(0, load.available_blocks) < load.head_of_line_blocks
-               <= total_available for load in loads.values()):
+               <= total_available for load in loads.values() if not load.draining):
             result.num_fragmented_ticks += 1
             result.fragmented_free_blocks += total_available
-        if not migrate:
-            return
         cluster = self.config.cluster
-        for source, destination in pair_migrations(loads, cluster.migrate_out_threshold,
-                                                   self._moving):
-            self._moving.update((source, destination))
-            move = _Move(source, destination)
-            self._queue(source, _Call(self._start_move, move))
+        if migrate:
+            waiting_moves = cluster.migration_request_policy in WAITING_POLICIES
+            for source, destination in pair_migrations(loads, cluster.migrate_out_threshold,
+                                                       self._moving, waiting_moves):
+                self._start(source, destination)
+        if self.scaling is not None:
+            self._scale(loads)
+
+    # -- auto-scaling --------------------------------------------------------------------
+
+    def _scale(self, loads: dict[int, InstanceLoad]) -> None:
+        """Drained instances: stop the empty ones, move a request out of the others;
+        then the scaling policy's decision on this tick's reports."""
+        assert self.scaling is not None
+        now, state = self.now_s, self._state
+        for i in list(loads):
+            if state[i] is not _DRAINING or i in self._moving:
+                continue
+            inst = self.instances[i]
+            if not inst.scheduler.has_unfinished() and not self._inboxes[i]:
+                self._stop(i)
+                del loads[i]
+                continue
+            if inst.scheduler.migration_candidates(include_waiting=True):
+                destination = drain_pairs(i, loads, self._moving)
+                if destination is not None:
+                    self._start(i, destination, drain=True)
+        starting = [i for i, s in enumerate(state) if s is _STARTING]
+        decision = self.scaling.decide(loads, now, num_starting=len(starting))
+        if decision.drain is not None:
+            state[decision.drain] = _DRAINING
+            self.dispatcher.set_draining(decision.drain, True)
+            self._result.scale_events.append((now, "drain", decision.drain))
+        for _ in range(decision.add):
+            i = state.index(_OFF)  # decide never exceeds max_instances
+            state[i] = _STARTING
+            self._on_since[i] = now
+            self._result.scale_events.append((now, "add", i))
+            self._events.push(now + self.config.startup_s, EventKind.INSTANCE_UP, i)
+
+    def _instance_up(self, instance: int) -> None:
+        self._state[instance] = _UP
+        self.dispatcher.update(instance, None)  # empty until its first report
+        self.dispatcher.set_alive(instance, True)
+        self._result.scale_events.append((self.now_s, "up", instance))
+
+    def _stop(self, instance: int) -> None:
+        since = self._on_since[instance]
+        assert since is not None
+        self._on_s[instance] += self.now_s - since
+        self._on_since[instance] = None
+        self._state[instance] = _OFF
+        self.dispatcher.set_alive(instance, False)
+        self.dispatcher.set_draining(instance, False)
+        self._result.scale_events.append((self.now_s, "stop", instance))
+
+    # -- moves ---------------------------------------------------------------------------
+
+    def _start(self, source: int, destination: int, drain: bool = False) -> None:
+        self._moving.update((source, destination))
+        self._queue(source, _Call(self._start_move, _Move(source, destination, drain)))
 
     def _start_move(self, move: _Move) -> None:
         """On the source, between two steps: pick the request, run the first stage."""
         inst = self.instances[move.source]
-        scheduler, bm = inst.scheduler, inst.block_manager
-        now = self.now_s
-        candidates = []
-        for request_id in scheduler.migration_candidates():
-            request = scheduler.requests[request_id]
-            on_host = bm.is_on_host(request_id)
-            num_blocks = (bm.num_host_blocks_of(request_id) if on_host
-                          else bm.num_device_blocks_of(request_id))
-            candidates.append(MigrationCandidate(request_id, request.num_tokens, num_blocks,
-                                                 on_host, now - request.arrival_time_s))
-        chosen = choose_request(candidates, self.config.cluster.migration_request_policy)
+        # A drain moves everything, the requests holding no cache first.
+        policy = "FCWSR" if move.drain else self.config.cluster.migration_request_policy
+        candidates = migration_candidates(inst.scheduler, self.now_s,
+                                          include_waiting=policy in WAITING_POLICIES)
+        chosen = choose_request(candidates, policy)
         if chosen is None:
             self._moving.difference_update((move.source, move.destination))
             return

@@ -218,6 +218,7 @@ def _out(out: _StageOut) -> StageOut:
 class _Move:
     source: int
     destination: int
+    drain: bool = False  # the source is being drained: any request, waiting ones first
     migration: StagedMigration | None = None
 
 

@@ -13,7 +13,8 @@ Events are ordered by the key ``(time_s, kind, seq)``:
    stage's copy ends (``STAGE_END``) right after iterations end, and the polling tick
    (``TICK``: load reports, then migration pairing) comes next, so that a report at an
    instant includes everything that ended then, and a request arriving at that instant
-   is dispatched on it.
+   is dispatched on it. With auto-scaling, an added instance comes up (``INSTANCE_UP``)
+   last: it reports at the next tick.
 3. ``seq``: the order of ``push`` calls, so equal events keep insertion (FIFO) order and
    the payloads themselves are never compared.
 """
@@ -32,6 +33,7 @@ class EventKind(enum.IntEnum):
     TICK = 2  # cluster: load reports and migration pairing (every polling interval)
     ARRIVAL = 3
     STEP = 4
+    INSTANCE_UP = 5  # cluster, auto-scaling: an added instance finished starting
 
 
 class EventQueue:

@@ -286,6 +286,7 @@ def new_request(spec: Any, now_s: float, slo: SLO | None) -> Request:
             max_tokens=spec.output_tokens, min_length=spec.output_tokens, temperature=0.0
         ),
         arrival_time_s=now_s,
+        priority=spec.priority,
     )
     if slo is not None:
         request.ttft_slo_s, request.tbt_slo_s = slo.ttft_s, slo.tbt_s

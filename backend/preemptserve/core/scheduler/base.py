@@ -386,11 +386,13 @@ class Scheduler(ABC):
 
     # -- moving requests between engines -------------------------------------------------
 
-    def migration_candidates(self) -> list[str]:
+    def migration_candidates(self, include_waiting: bool = False) -> list[str]:
         """Requests that may move to another engine: started ones holding their cache in
-        either tier, in arrival order (the cluster policy chooses among them)."""
-        return [rid for rid, r in self.requests.items()
-                if r.status is not RequestStatus.WAITING and self._holds_cache(rid)]
+        either tier, in arrival order (the cluster policy chooses among them).
+        ``include_waiting``: also those holding no cache (never scheduled, or preempted
+        by recomputation), which move with nothing to copy."""
+        return [rid for rid, r in self.requests.items() if include_waiting or (
+            r.status is not RequestStatus.WAITING and self._holds_cache(rid))]
 
     def detach(self, request_id: str) -> PolicyState:
         """Take a request out of the policy for a move; it keeps its blocks, ``MIGRATING``.
