@@ -49,7 +49,13 @@ from enum import Enum
 from typing import Protocol
 
 from ..config import ClusterConfig
-from ..core.global_scheduler import Dispatcher, NoInstanceError, drain_pairs, pair_migrations
+from ..core.global_scheduler import (
+    WAITING_POLICIES,
+    Dispatcher,
+    NoInstanceError,
+    drain_pairs,
+    pair_migrations,
+)
 from ..core.request import SamplingParams
 from ..core.scheduler.load import InstanceLoad
 from ..engine.llm_engine import EngineStats, RequestOutput
@@ -428,8 +434,9 @@ class ClusterFrontend:
             busy = {i for pair in self._moving.values() for i in pair}
             loads = {i: load for i, load in self._loads.items() if self._states[i] in _LIVE}
         # Draining instances' loads say so: pair_migrations leaves them to _drain.
+        waiting_moves = self.config.migration_request_policy in WAITING_POLICIES
         for source, destination in pair_migrations(loads, self.config.migrate_out_threshold,
-                                                   busy):
+                                                   busy, waiting_moves):
             self._move_one(source, destination)
 
     def _move_one(self, source: int, destination: int) -> None:
