@@ -9,6 +9,7 @@ run, exactly; errors where due) and what the model reports (its metrics).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -183,6 +184,58 @@ def test_dead_instance_fails_its_requests_others_serve_and_unload_leaves_nothing
     left = wait_gone(everything, timeout_s=60)
     assert left == set(), f"unloading left processes behind: {sorted(left)}"
     assert not is_alive(pids[1])
+
+
+def instances_by_state(server: TritonServer) -> dict[str, float]:
+    samples = metric_values(server.metrics_url, "preemptserve_instances")
+    return {re.search(r'state="(\w+)"', k).group(1): v for k, v in samples.items()}
+
+
+def scaling_events(server: TritonServer) -> dict[str, float]:
+    samples = metric_values(server.metrics_url, "preemptserve_scaling_events_total")
+    return {re.search(r'action="(\w+)"', k).group(1): v for k, v in samples.items()}
+
+
+@pytest.mark.slow
+def test_auto_scaling_adds_an_instance_under_load_and_stops_it_when_idle(tmp_path):
+    """enable_scaling from one instance, at most two: up while any request is in
+    (freeness below 1e6), down once idle (infinite freeness), after 1 s each. The
+    streams give the unmoved text; the metrics show the instances' states and the
+    scaling actions; the stopped instance's freeness is NaN."""
+    ray_dir = ray_temp_dir()
+    repo = write_repository(tmp_path, {
+        **PARAMETERS, "num_instances": "1", "dispatch_policy": "load",
+        "migrate_out_threshold": "3", "enable_scaling": "true", "max_instances": "2",
+        "scale_up_threshold": "1e6", "scale_down_threshold": "2e6",
+        "scaling_interval_s": "1", "ray_temp_dir": ray_dir})
+    long, short = (SamplingParams(max_tokens=n, min_length=n) for n in (300, 60))
+    # The references first: the server's instances then have the machine's cores.
+    expected = {params: reference(PROMPT, params) for params in (long, short)}
+    try:
+        with cluster(repo, tmp_path / "tritonserver.log") as server:
+            assert instances_by_state(server) == {"alive": 1, "starting": 0, "draining": 0,
+                                                  "total": 1}
+            texts: dict[str, str] = {}
+            first = threading.Thread(target=lambda: texts.__setitem__(
+                "first", stream_text(server, PROMPT, 300, min_length=300)))
+            first.start()
+            wait_until(lambda: instances_by_state(server)["alive"] == 2, 120,
+                       "a second instance serving")
+            assert scaling_events(server) == {"add": 1}
+            assert stream_text(server, PROMPT, 60, min_length=60) == expected[short]
+            first.join(300)
+            assert texts["first"] == expected[long]
+            wait_until(lambda: scaling_events(server).get("stop") == 1, 60,
+                       "the idle instance drained and stopped")
+            assert instances_by_state(server) == {"alive": 1, "starting": 0, "draining": 0,
+                                                  "total": 1}
+            assert scaling_events(server) == {"add": 1, "drain": 1, "stop": 1}
+            # The stopped instance's series cannot be deleted: NaN.
+            freeness = metric_values(server.metrics_url, "preemptserve_instance_freeness")
+            assert [math.isnan(v) for k, v in sorted(freeness.items())] == [False, True]
+            assert stream_text(server, "still serving", 5)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_the_instance_count_and_its_limits_are_checked(tmp_path):

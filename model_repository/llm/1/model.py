@@ -43,7 +43,7 @@ class TritonPythonModel:
         self.config = serving_config_from_parameters(parameters)
         self.model_name = args["model_name"]
         self.cluster = None
-        if self.config.cluster.num_instances > 1:
+        if self.config.cluster.num_instances > 1 or self.config.cluster.enable_scaling:
             self._start_cluster()
             return
         engine = LLMEngine(self.config.engine)
@@ -78,10 +78,6 @@ class TritonPythonModel:
         from preemptserve.engine.tokenizer import TextTokenizer
 
         config = self.config
-        if config.cluster.enable_scaling:  # never silently: the server keeps its count
-            raise pb_utils.TritonModelException(
-                "enable_scaling: auto-scaling is not wired into the server yet (the "
-                "cluster simulator runs it: python -m preemptserve.bench); set it to false")
         self.cluster = RayCluster(config.cluster, config.engine, name=self.model_name)
         tokenizer = TextTokenizer(resolve_model_dir(config.engine.model_dir))
         block_size = config.engine.cache.block_size
@@ -105,7 +101,10 @@ class TritonPythonModel:
             f"preemptserve ({preemptserve.__path__[0]}): model {config.engine.model_dir}, "
             f"{self.cluster.num_instances} engine instances ({instances}), "
             f"policy {config.engine.scheduler.policy}, dispatch {config.cluster.dispatch_policy}"
-            f", migration {'on' if config.cluster.enable_migration else 'off'}")
+            f", migration {'on' if config.cluster.enable_migration else 'off'}"
+            + (f", auto-scaling {config.cluster.min_instances}.."
+               f"{config.cluster.scaling_max_instances} instances"
+               if config.cluster.enable_scaling else ""))
 
     def _on_cluster_stats(self, stats: EngineStats) -> None:
         self.metrics.update(stats)
@@ -207,7 +206,8 @@ def _text_response(text: str):
 
 
 class _ClusterMetrics:
-    """Metrics of a model with many engine instances: instances, their freeness, moves."""
+    """Metrics of a model with many engine instances: instances, their freeness, moves,
+    auto-scaling actions."""
 
     def __init__(self, model_name: str) -> None:
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
@@ -230,7 +230,14 @@ class _ClusterMetrics:
             name="preemptserve_migration_downtime_seconds",
             description="Time a migrated request stood still (stop on the source to "
                         "import on the destination)", kind=pb_utils.MetricFamily.HISTOGRAM)
+        self._scaling = pb_utils.MetricFamily(
+            name="preemptserve_scaling_events_total",
+            description="Auto-scaling actions; action=add (instances started), add_failed, "
+                        "drain, undrain (a drain called off), stop (drained instances "
+                        "stopped)", kind=counter)
         self.alive = instances.Metric(labels={**self._labels, "state": "alive"})
+        self.starting = instances.Metric(labels={**self._labels, "state": "starting"})
+        self.draining = instances.Metric(labels={**self._labels, "state": "draining"})
         self.total = instances.Metric(labels={**self._labels, "state": "total"})
         self.bytes = migration_bytes.Metric(labels=self._labels)
         self._started = self._migrations.Metric(labels={**self._labels, "status": "started",
@@ -238,10 +245,12 @@ class _ClusterMetrics:
         self._histogram = self._downtime.Metric(labels=self._labels,
                                                 buckets=list(DOWNTIME_BUCKETS_S[:-1]))
         self._families = (instances, self._freeness, self._migrations, migration_bytes,
-                          self._downtime)
+                          self._downtime, self._scaling)
         self._by_instance: dict[int, object] = {}
         self._ended: dict[tuple[str, str], object] = {}
-        self._last = {"started": 0, "bytes": 0, "ended": {}, "downtimes": 0}
+        self._scaling_events: dict[str, object] = {}
+        self._gone: set[int] = set()  # instances stopped: their freeness set to NaN
+        self._last = {"started": 0, "bytes": 0, "ended": {}, "downtimes": 0, "scaling": {}}
         self._lock = threading.Lock()
 
     def update(self, stats) -> None:
@@ -250,13 +259,30 @@ class _ClusterMetrics:
 
     def _update(self, stats) -> None:
         self.alive.set(stats.num_alive)
+        self.starting.set(stats.num_starting)
+        self.draining.set(stats.num_draining)
         self.total.set(stats.num_instances)
-        for instance, freeness in stats.freeness.items():
+        freeness = dict(stats.freeness)
+        # A stopped instance has no freeness: NaN, as the backend cannot delete a series
+        # (its metric family keeps every metric it made). Numbers are never reused.
+        for instance in set(self._by_instance) - set(freeness) - self._gone:
+            self._by_instance[instance].set(math.nan)
+            self._gone.add(instance)
+        for instance, value in freeness.items():
             metric = self._by_instance.get(instance)
             if metric is None:
                 metric = self._by_instance[instance] = self._freeness.Metric(
                     labels={**self._labels, "instance": str(instance)})
-            metric.set(freeness if math.isfinite(freeness) else 1e9)
+            metric.set(value if math.isfinite(value) else math.copysign(1e9, value))
+        for action, count in list(stats.scaling_events.items()):
+            seen = self._last["scaling"].get(action, 0)
+            if count > seen:
+                metric = self._scaling_events.get(action)
+                if metric is None:
+                    metric = self._scaling_events[action] = self._scaling.Metric(
+                        labels={**self._labels, "action": action})
+                metric.increment(count - seen)
+                self._last["scaling"][action] = count
         if stats.migrations_started > self._last["started"]:
             self._started.increment(stats.migrations_started - self._last["started"])
             self._last["started"] = stats.migrations_started
