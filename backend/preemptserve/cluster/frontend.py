@@ -29,8 +29,8 @@ serves a cluster exactly as it serves one engine.
   (``Instances.start_instance``: seconds of model load that block nothing else); a new
   instance takes requests from its first report on. *Drain*: the instance takes no new
   request, and every interval one of its started requests moves to the freest other
-  instance (``drain_pairs``, the migration machinery, one move at a time); requests
-  that never started stay and start there (see ``_drain``); once it holds nothing it
+  instance (``drain_pairs``, the migration machinery, one move at a time; requests
+  that never started first, see ``DRAIN_REQUEST_POLICY``); once it holds nothing it
   is stopped (``Instances.stop_instance``), its counters staying in the sums. Never
   more than ``max_instances`` instances exist (starting and draining ones included),
   nor fewer than ``min_instances`` serve: a dead one below it is replaced.
@@ -78,6 +78,13 @@ class InstanceState(Enum):
 
 
 _LIVE = frozenset({InstanceState.STARTING, InstanceState.ALIVE, InstanceState.DRAINING})
+# A drain moves every request, those holding no cache (never started, or dropped for
+# recomputation) first: they move in one stage with nothing to copy, their state (RNG,
+# detokenizer, echo) with them, rather than start on an instance about to stop and then
+# copy their KV. Re-dispatching them instead would race their start there (a first token
+# may be out already) and need their prompts, which the frontend does not keep. As the
+# cluster simulator drains (sim/cluster.py).
+DRAIN_REQUEST_POLICY = "FCWSR"
 
 
 class Instances(Protocol):
@@ -433,17 +440,18 @@ class ClusterFrontend:
         with self._lock:
             busy = {i for pair in self._moving.values() for i in pair}
             loads = {i: load for i, load in self._loads.items() if self._states[i] in _LIVE}
-        # Draining instances' loads say so: pair_migrations leaves them to _drain.
+        # Draining instances' loads say so: pair_migrations leaves them to _scale.
         waiting_moves = self.config.migration_request_policy in WAITING_POLICIES
         for source, destination in pair_migrations(loads, self.config.migrate_out_threshold,
                                                    busy, waiting_moves):
             self._move_one(source, destination)
 
-    def _move_one(self, source: int, destination: int) -> None:
-        """The source picks its request (by the request policy) and moves it."""
+    def _move_one(self, source: int, destination: int, policy: str | None = None) -> None:
+        """The source picks its request (by ``policy``, default the cluster's request
+        policy) and moves it."""
         try:
-            request_id = self.instances.pick_request(source,
-                                                     self.config.migration_request_policy)
+            request_id = self.instances.pick_request(
+                source, policy or self.config.migration_request_policy)
         except Exception:
             logger.exception("instance %d could not pick a request to move", source)
             return
@@ -519,7 +527,7 @@ class ClusterFrontend:
         for _ in range(num_start):
             threading.Thread(target=self._launch, name="start-instance", daemon=True).start()
         for source, destination in moves:
-            self._move_one(source, destination)
+            self._move_one(source, destination, DRAIN_REQUEST_POLICY)
 
     def _set_draining(self, instance: int, draining: bool) -> None:
         """(Under the lock.) A draining instance takes no request and its load says so."""
@@ -532,11 +540,8 @@ class ClusterFrontend:
 
     def _is_empty(self, instance: int, busy: set[int]) -> bool:
         """(Under the lock.) A draining instance holds nothing: no move in or out, no
-        request of the frontend's on it, and its newest report says no request and no
-        block. Requests that never started are not moved (a move carries a started
-        request's state and KV): they start there, as its running ones leave, and move
-        next. Re-dispatching them instead would race their start there (a first token
-        may be out already) and needs their prompts, which the frontend does not keep."""
+        request of the frontend's on it (one still in its inbox, not in its report yet,
+        counts), and its newest report says no request and no block."""
         load = self._loads.get(instance)
         return (load is not None and instance not in busy
                 and not (load.num_running or load.num_waiting or load.num_used_blocks)
