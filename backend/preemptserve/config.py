@@ -139,7 +139,7 @@ class ClusterConfig:
     migrate_out_threshold: float = 3.0  # overloaded: fewer free decode steps than this
     migration_max_stages: int = 3
     migration_last_stage_max_blocks: int = 16
-    migration_request_policy: str = "SR"  # SR | LR | LCR
+    migration_request_policy: str = "SR"  # SR | LR | LCR | FCW | FCWSR
     migration_transport: str = "object_store"  # object_store | gloo
     polling_interval_ms: int = 50  # load reports, output polls, migration pairing
     # A reservation for a move in no call of its source this long is freed (the source
@@ -151,8 +151,8 @@ class ClusterConfig:
     # Auto-scaling (``core/scaling.py``): add instances while the cluster's freeness stays
     # below scale_up_threshold for scaling_interval_s, drain one while the freeness
     # without it stays above scale_down_threshold, between min_instances and
-    # max_instances (0: num_instances). Read by the cluster simulator; the Ray runtime
-    # does not scale yet.
+    # max_instances (0: num_instances). Acted on by the cluster frontend
+    # (``cluster/frontend.py``): with it the model runs a cluster even from one instance.
     enable_scaling: bool = False
     min_instances: int = 1
     max_instances: int = 0
