@@ -460,7 +460,7 @@ class ClusterFrontend:
         with self._lock:
             routed = self._requests.get(request_id)
             if (routed is None or routed.ended or routed.moving_to is not None
-                    or self._state(destination) not in _LIVE):
+                    or self._state(destination) is not InstanceState.ALIVE):
                 return
             self._start_move(request_id, source, destination)
         self.instances.migrate_out(source, destination, request_id, self._migration)
