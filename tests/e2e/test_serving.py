@@ -140,7 +140,7 @@ def test_cancellation_frees_blocks_and_server_keeps_serving(triton_server, strea
         ({"text_input": "word " * 3000, "max_tokens": 4}, "maximum context"),
         ({"text_input": "hi", "max_tokens": 4, "top_p": 1.5}, "top_p"),
         ({"text_input": "hi", "max_tokens": 4, "temperature": -1.0}, "temperature"),
-        ({"text_input": "hi", "max_tokens": 4, "stop_words": [""]}, "stop_words"),
+        ({"text_input": "hi", "max_tokens": 4, "min_tokens": 3}, "min_tokens"),
         ({"text_input": "hi", "max_tokens": 4, "end_id": 99999}, "end_id"),
         ({"text_input": "hi", "max_tokens": "many"}, ""),
     ],

@@ -249,9 +249,10 @@ class LLMEngine(RequestMigration):
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.args.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size})")
-        if sampling.end_id is not None and not 0 <= sampling.end_id < self.args.vocab_size:
+        if sampling.end_id is not None and not -1 <= sampling.end_id < self.args.vocab_size:
             raise ValueError(
-                f"end_id must be in [0, {self.args.vocab_size}), got {sampling.end_id}"
+                f"end_id must be in [0, {self.args.vocab_size}) or -1 (no end token), "
+                f"got {sampling.end_id}"
             )
         self._check_token_ids(sampling)
         total = len(prompt_ids) + sampling.max_tokens
@@ -262,6 +263,8 @@ class LLMEngine(RequestMigration):
             )
         if sampling.end_id is None and self.eos_token_id is not None:
             sampling = replace(sampling, end_id=self.eos_token_id)
+        elif sampling.end_id == -1:  # TensorRT-LLM's "no end token": only length stops it
+            sampling = replace(sampling, end_id=None)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,

@@ -75,7 +75,7 @@ class _Stage(enum.Enum):
 @dataclass(eq=False)
 class _Submission:
     request_id: str
-    prompt: str
+    prompt: str | list[int]
     sampling: SamplingParams
     on_output: OutputCallback
     is_cancelled: Callable[[], bool] | None
@@ -84,6 +84,7 @@ class _Submission:
     echo_prompt: bool = False
     stream: bool = True
     priority: str = "normal"
+    return_perf_metrics: bool = False
     stage: _Stage = _Stage.SUBMITTED  # under EngineLoop._lock
     polling: bool = False  # sender thread only: is_cancelled() is still asked
 
@@ -141,7 +142,7 @@ class EngineLoop:
 
     def submit(
         self,
-        prompt: str,
+        prompt: str | list[int],
         sampling: SamplingParams,
         on_output: OutputCallback,
         is_cancelled: Callable[[], bool] | None = None,
@@ -152,12 +153,14 @@ class EngineLoop:
         stream: bool = True,
         request_id: str | None = None,
         priority: str = "normal",
+        return_perf_metrics: bool = False,
     ) -> str:
-        """Queue a request; returns its id (``request_id``, or a new one). Never raises
-        for bad input.
+        """Queue a request (text, or token ids); returns its id (``request_id``, or a new
+        one). Never raises for bad input.
 
         ``echo_prompt`` and ``stream`` shape the outputs' text (``LLMEngine.add_request``);
-        ``priority`` is "high" or "normal".
+        ``priority`` is "high" or "normal"; ``return_perf_metrics``: outputs carry timings
+        and block counts.
 
         Raises ``QueueFullError`` (nothing else happens: no callback, no trace of the
         request) when ``max_queue_size`` requests are waiting. After shutdown the request
@@ -165,7 +168,8 @@ class EngineLoop:
         """
         request_id = request_id or uuid.uuid4().hex
         sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
-                          ttft_slo_s, tbt_slo_s, echo_prompt, stream, priority)
+                          ttft_slo_s, tbt_slo_s, echo_prompt, stream, priority,
+                          return_perf_metrics)
         with self._lock:
             if self._closed:  # ended at once, never in the table: nothing to poll or leak
                 sub.stage = _Stage.ENDED
@@ -357,7 +361,8 @@ class EngineLoop:
                 self.engine.add_request(sub.request_id, sub.prompt, sub.sampling,
                                         ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s,
                                         echo_prompt=sub.echo_prompt, stream=sub.stream,
-                                        priority=sub.priority)
+                                        priority=sub.priority,
+                                        return_perf_metrics=sub.return_perf_metrics)
             except ValueError as exc:  # bad input: the message is for the client
                 error = str(exc)
             except Exception:

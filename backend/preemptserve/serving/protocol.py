@@ -36,8 +36,39 @@ SLO_PARAMETERS = {"ttft_slo_ms": "ttft_slo_s", "tbt_slo_ms": "tbt_slo_s"}
 PRIORITY_PARAMETER = "request_priority"
 
 
+# Request parameters Triton reserves or uses itself: a model may see some of them and must
+# not mistake them for a client's (on the generate endpoint, for a misspelt input).
+TRITON_PARAMETERS = frozenset({
+    "priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
+    "binary_data_output", "triton_enable_empty_final_response"})
+# What ``request_scheduling_parameters`` reads.
+SCHEDULING_PARAMETERS = frozenset({*SLO_PARAMETERS, PRIORITY_PARAMETER})
+
+
 class InvalidRequest(ValueError):
     """The request's inputs are unusable; the message is safe to return to the client."""
+
+
+def check_parameters(parameters: Mapping[str, object], allowed: frozenset[str]) -> None:
+    """Fail on a request parameter nobody reads: on the generate endpoint every JSON key
+    that is not an input of the model arrives as a parameter, where it would go unnoticed
+    (a misspelt input, or one of another release's names)."""
+    unknown = sorted(set(parameters) - allowed - TRITON_PARAMETERS)
+    if unknown:
+        names = ", ".join(f"'{name}'" for name in unknown)
+        raise InvalidRequest(
+            f"unknown request parameter(s) {names}: not an input of this model (on the "
+            f"generate endpoint a key that is not an input arrives as a parameter); the "
+            f"parameters read are {', '.join(sorted(allowed))}")
+
+
+def request_scheduling_parameters(parameters: Mapping[str, object],
+                                  also_allowed: frozenset[str] = frozenset()) -> dict:
+    """The scheduling parameters of a request (``GenerateRequest`` field -> value);
+    ``InvalidRequest`` for a bad value or a parameter not read (``check_parameters``)."""
+    check_parameters(parameters, SCHEDULING_PARAMETERS | also_allowed)
+    return {**{field: _slo_seconds(parameters, name) for name, field in SLO_PARAMETERS.items()},
+            "priority": _priority(parameters)}
 
 
 def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, kinds: str, what: str):
@@ -96,9 +127,11 @@ def parse_generate_request(
     """Validate the tensors and parameters of one request.
 
     ``parameters`` are the request's Triton parameters (``ttft_slo_ms``, ``tbt_slo_ms``,
-    ``request_priority``; others are ignored). Raises ``InvalidRequest`` with a clear message.
+    ``request_priority``; any other fails, Triton's own aside). Raises ``InvalidRequest``
+    with a clear message.
     """
     parameters = parameters or {}
+    scheduling = request_scheduling_parameters(parameters)
     text = inputs.get("text_input")
     if text is None:
         raise InvalidRequest("missing required input 'text_input'")
@@ -117,9 +150,8 @@ def parse_generate_request(
     if stop is not None:
         if stop.dtype.kind not in "OSU":
             raise InvalidRequest(f"input 'stop_words' must be strings (BYTES), got {stop.dtype}")
-        stop_words = tuple(_text(v, "stop_words") for v in stop.reshape(-1))
-        if any(not s for s in stop_words):
-            raise InvalidRequest("input 'stop_words' must not contain empty strings")
+        # An empty word is no word (TensorRT-LLM's convention: "stop_words": "" is none).
+        stop_words = tuple(w for w in (_text(v, "stop_words") for v in stop.reshape(-1)) if w)
 
     def opt(name: str, kinds: str, what: str, default):  # type: ignore[no-untyped-def]
         value = _scalar(inputs, name, kinds, what)
@@ -149,8 +181,7 @@ def parse_generate_request(
         exclude_input_in_output=bool(
             opt("exclude_input_in_output", "b", "a boolean (BOOL)", default_exclude_input)
         ),
-        **{field: _slo_seconds(parameters, name) for name, field in SLO_PARAMETERS.items()},
-        priority=_priority(parameters),
+        **scheduling,
     )
 
 
