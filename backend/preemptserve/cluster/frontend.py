@@ -595,17 +595,20 @@ class ClusterFrontend:
             stopping = self._stop.is_set()
             if not stopping:
                 while len(self._states) <= instance:  # numbers of failed starts stay unused
-                    self._states.append(None)  # type: ignore[arg-type]
+                    self._states.append(None)
                     self._dispatcher.add_instance(alive=False)
                 self._states[instance] = InstanceState.STARTING
                 poller = self._poller(instance)
                 self._threads.append(poller)
                 poller.start()
                 self._count_instances()
-        if stopping:
-            self.instances.stop_instance(instance)
-        else:
+        if not stopping:
             logger.info("auto-scaling: instance %d is up", instance)
+            return
+        try:  # came up as the frontend stopped: nobody will serve with it
+            self.instances.stop_instance(instance)
+        except Exception:
+            logger.exception("stopping instance %d failed", instance)
 
     def _start_move(self, request_id: str, source: int, destination: int) -> None:
         self._requests[request_id].moving_to = destination
@@ -624,7 +627,7 @@ class ClusterFrontend:
         if routed is None or destination is None:
             return []
         routed.owner = destination
-        if self._states[destination] not in _LIVE and not routed.ended:  # it died before
+        if self._states[destination] not in _LIVE and not routed.ended:  # dead meanwhile
             self._end(routed, _final(request_id, "error"),
                       f"engine instance {destination} failed; the request was lost")
         return [(destination, request_id)] if routed.ended or routed.cancelled else []
