@@ -19,6 +19,8 @@ import tritonclient.grpc as grpcclient
 from test_serving import metric_values, post_json, sse_events
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from trtllm_helpers import (
+    BENCHMARK,
+    DATASET,
     E2E_CLIENT,
     TOKEN_CLIENT,
     Reference,
@@ -27,6 +29,7 @@ from trtllm_helpers import (
     write_trtllm_repository,
 )
 
+from preemptserve.model.default_model import ensure_default_model
 from preemptserve.triton_server import TritonServer
 
 PROMPT = "The value of"
@@ -135,6 +138,17 @@ def test_token_client_streaming_and_stop_request(server, reference, tmp_path):
     out = run_script(TOKEN_CLIENT, [*common, "--request-output-len", "300", "-S",
                                     "--stop-after-ms", "300", "--request-id", "stop-me"])
     assert "Got cancellation response from server" in out
+
+
+def test_token_benchmark_script(server, tmp_path):
+    """benchmark_core_model.py: token ids to tensorrt_llm over a gRPC stream, all at once."""
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps(DATASET))
+    out = run_script(BENCHMARK, ["-i", "grpc", "--url", server.grpc_url, "--decoupled",
+                                 "--num-requests", str(len(DATASET)), "--max-input-len", "64",
+                                 "dataset", "--dataset", str(dataset),
+                                 "--tokenizer-dir", str(ensure_default_model())])
+    assert "Total Latency" in out and "Total request latencies" in out
 
 
 def test_readme_generate_examples(server, reference):

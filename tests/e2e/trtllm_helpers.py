@@ -25,6 +25,15 @@ UPSTREAM = ROOT / "tests" / "tensorrtllm_backend"  # the official scripts, uncha
 E2E_CLIENT = UPSTREAM / "inflight_batcher_llm" / "client" / "end_to_end_grpc_client.py"
 TOKEN_CLIENT = UPSTREAM / "inflight_batcher_llm" / "client" / "inflight_batcher_llm_client.py"
 END_TO_END_TEST = UPSTREAM / "tools" / "inflight_batcher_llm" / "end_to_end_test.py"
+BENCHMARK = UPSTREAM / "tools" / "inflight_batcher_llm" / "benchmark_core_model.py"
+# The data set format of the official tools: prompt = input + " " + instruction.
+DATASET = [
+    {"input": "Return a list of", "instruction": "the values.",
+     "output": "one two three four five six"},
+    {"input": "The value of", "instruction": "the file", "output": "a b c d e"},
+    {"input": "If the file is", "instruction": "open", "output": "x y z"},
+    {"input": "This module provides", "instruction": "a way", "output": "p q r s"},
+]
 
 
 def write_trtllm_repository(root: Path, parameters: Mapping[str, str] | None = None,

@@ -82,7 +82,7 @@ def test_inputs_not_implemented_fail_by_name(name):
     ({"beam_search_diversity_rate": np.array([0.1], np.float32)}, "diversity.*beam"),
     ({"early_stopping": np.array([True])}, "early_stopping.*beam search"),
     ({"runtime_top_p_decay": np.array([0.9], np.float32)}, "top-p decay"),
-    ({"decoder_input_ids": np.array([[3]], np.int32)}, "decoder_input_ids.*encoder"),
+    ({"decoder_input_ids": np.array([[3, 4]], np.int32)}, "decoder_input_ids.*encoder"),
     ({"input_lengths": np.array([9], np.int32)}, r"input_lengths\[0\]=9"),
     ({"request_output_len": np.array([0], np.int32)}, "request_output_len must be positive"),
     ({"repetition_penalty": np.array([0.0], np.float32)}, "repetition_penalty"),
@@ -93,13 +93,14 @@ def test_bad_requests_say_why(extra, message):
         parse(token_inputs(**extra))
 
 
-def test_neutral_beam_settings_and_empty_decoder_input_are_accepted():
+def test_neutral_beam_settings_and_the_no_decoder_input_placeholder_are_accepted():
     request = parse(token_inputs(beam_width=np.array([1], np.int32),
                                  len_penalty=np.array([1.0], np.float32),
                                  beam_search_diversity_rate=np.array([0.0], np.float32),
                                  runtime_top_p_decay=np.array([1.0], np.float32),
-                                 decoder_input_ids=np.zeros((1, 0), np.int32)))
+                                 decoder_input_ids=np.array([[2]], np.int32)))
     assert len(request.items) == 1
+    assert parse(token_inputs(decoder_input_ids=np.zeros((1, 0), np.int32))).items
 
 
 def test_modes_streaming_and_parameters():

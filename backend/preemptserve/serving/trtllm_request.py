@@ -204,8 +204,10 @@ def _check_rejected(inputs: Mapping[str, np.ndarray | None], size: int) -> None:
         if (decay is not None and decay != 1.0) or (reset is not None and reset != -1):
             raise InvalidRequest("inputs 'runtime_top_p_decay' / 'runtime_top_p_reset_ids': "
                                  "top-p decay is not implemented (decay must be 1.0)")
+    # The official preprocessing always sends one pad token per item here (its "no decoder
+    # input"); an actual decoder prompt is for encoder-decoder models.
     decoder_ids = inputs.get("decoder_input_ids")
-    if decoder_ids is not None and decoder_ids.size:
+    if decoder_ids is not None and decoder_ids.size > decoder_ids.shape[0]:
         raise InvalidRequest(f"input 'decoder_input_ids' is not supported: {_ENCODER}")
 
 

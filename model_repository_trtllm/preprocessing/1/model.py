@@ -64,9 +64,10 @@ class TritonPythonModel:
         outputs = {
             "INPUT_ID": input_ids,
             "REQUEST_INPUT_LEN": input_lengths,
-            # Decoder-only models: no decoder input (tensorrt_llm refuses a non-empty one).
-            "DECODER_INPUT_ID": np.zeros((size, 0), dtype=np.int32),
-            "REQUEST_DECODER_INPUT_LEN": np.zeros((size, 1), dtype=np.int32),
+            # No decoder input, as the official model says it: one pad token per item
+            # (tensorrt_llm refuses a longer one: encoder-decoder models are not served).
+            "DECODER_INPUT_ID": np.full((size, 1), codec.pad_id, dtype=np.int32),
+            "REQUEST_DECODER_INPUT_LEN": np.ones((size, 1), dtype=np.int32),
             "REQUEST_OUTPUT_LEN": inputs["REQUEST_OUTPUT_LEN"],
             "BAD_WORDS_IDS": codec.word_lists(inputs["BAD_WORDS_DICT"], size, "BAD_WORDS_DICT"),
             "STOP_WORDS_IDS": codec.word_lists(inputs["STOP_WORDS_DICT"], size,
