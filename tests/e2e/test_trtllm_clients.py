@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_serving import metric_values, post_json, sse_events
+from test_serving import metric_values, post_json, sse_events, wait_until
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from trtllm_helpers import (
     BENCHMARK,
@@ -202,17 +202,56 @@ def test_unsupported_inputs_fail_by_name(server, model, name, value, reason):
         grpc_generate(server, model, PROMPT, extra={name: value})
 
 
+def test_sequences_of_one_prompt_share_its_blocks(server, reference):
+    """num_return_sequences 4 on tensorrt_llm: one response per sequence (sequence_index),
+    each seeded differently and reproducibly; sequences 1-3 took the prompt's full blocks
+    from sequence 0 (kv_cache_reused_blocks, and the shared-blocks counter)."""
+    prompt_ids = reference.prompt_ids("Return a list of the values in the file. " * 4)
+    num_shared = (len(prompt_ids) - 1) // 16  # kv_block_size 16
+    assert num_shared >= 2
+    inputs = {"input_ids": np.array([prompt_ids], np.int32),
+              "input_lengths": np.array([[len(prompt_ids)]], np.int32),
+              "request_output_len": np.array([[6]], np.int32),
+              "num_return_sequences": np.array([[4]], np.int32),
+              "runtime_top_k": np.array([[50]], np.int32),
+              "seed": np.array([[7]], np.uint64),
+              "return_perf_metrics": np.array([[True]])}
+
+    def shared_total() -> float:
+        return sum(metric_values(server.metrics_url, "preemptserve_kv_blocks_shared_total")
+                   .values())
+
+    before = shared_total()
+    responses = stream_infer(server, "tensorrt_llm", inputs)
+    assert sorted(int(r["sequence_index"][0, 0]) for r in responses) == [0, 1, 2, 3]
+    by_index = {int(r["sequence_index"][0, 0]): r for r in responses}
+    reused = [int(by_index[i]["kv_cache_reused_blocks"][0, 0]) for i in range(4)]
+    assert reused == [0, num_shared, num_shared, num_shared]
+    for response in responses:
+        assert response["output_ids"].shape[:2] == (1, 1)
+        assert response["output_ids"][0, 0, : len(prompt_ids)].tolist() == prompt_ids
+        total = int(response["kv_cache_alloc_total_blocks"][0, 0])
+        assert total == -(-(len(prompt_ids) + 5) // 16)
+        assert int(response["kv_cache_alloc_new_blocks"][0, 0]) + reused[
+            int(response["sequence_index"][0, 0])] == total
+        times = [int(response[name][0, 0]) for name in (
+            "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns",
+            "last_token_time_ns")]
+        assert times == sorted(times) and times[0] > 1.6e18  # ns since the epoch
+    outputs = [tuple(by_index[i]["output_ids"][0, 0].tolist()) for i in range(4)]
+    assert len(set(outputs)) > 1
+    again = {int(r["sequence_index"][0, 0]): tuple(r["output_ids"][0, 0].tolist())
+             for r in stream_infer(server, "tensorrt_llm", inputs)}
+    assert [again[i] for i in range(4)] == outputs
+    wait_until(lambda: shared_total() - before == 2 * 3 * num_shared, what="metrics")
+
+
 def test_metrics_are_served(server):
     assert metric_values(server.metrics_url, "preemptserve_kv_blocks")
 
 
-def grpc_generate(server, model: str, prompt: str, extra: dict | None = None,
-                  **flags) -> list[dict[str, np.ndarray]]:
-    """One request on a gRPC stream: every response's outputs (raises the first error)."""
-    inputs = {"text_input": np.array([[prompt]], dtype=object),
-              "max_tokens": np.array([[NUM_TOKENS]], np.int32),
-              **{name: np.array([[value]]) for name, value in flags.items()},
-              **(extra or {})}
+def stream_infer(server, model: str, inputs: dict[str, np.ndarray]) -> list[dict]:
+    """One request on a gRPC stream: the outputs of every response that has some."""
     tensors = []
     for name, value in inputs.items():
         tensor = grpcclient.InferInput(name, value.shape, np_to_triton_dtype(value.dtype))
@@ -231,5 +270,17 @@ def grpc_generate(server, model: str, prompt: str, extra: dict | None = None,
         result, error = results.get()
         if error is not None:
             raise error
-        outputs.append({o.name: result.as_numpy(o.name) for o in result.get_response().outputs})
+        response = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+        if response:
+            outputs.append(response)
     return outputs
+
+
+def grpc_generate(server, model: str, prompt: str, extra: dict | None = None,
+                  **flags) -> list[dict[str, np.ndarray]]:
+    """A text request on a gRPC stream: every response's outputs (raises the first error)."""
+    inputs = {"text_input": np.array([[prompt]], dtype=object),
+              "max_tokens": np.array([[NUM_TOKENS]], np.int32),
+              **{name: np.array([[value]]) for name, value in flags.items()},
+              **(extra or {})}
+    return stream_infer(server, model, inputs)

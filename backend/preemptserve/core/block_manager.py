@@ -18,6 +18,17 @@ Blocks a swap vacates are *pending* until ``commit_pending()`` (called once per
 iteration, before scheduling): their copy may still be in flight during the iteration
 that planned it, so they must not be handed to anyone in that same iteration.
 
+Sequences of one prompt (``num_return_sequences``) share its blocks: ``fork(parent,
+child, n)`` gives the child the parent's full blocks of its first ``n`` tokens (reference
+counts go up) and a copy of the partly filled block after them, which the child goes on
+writing (copy on write)::
+
+    parent  [A][B][C]          tokens 0..n-1 end inside C
+    child   [A][B][C']         C' = a new block, C copied into it by the engine
+
+Shared blocks are full and nobody writes them again; a table holding any stays on the
+device (``swap_out`` refuses it), and freeing it returns a block only with its last owner.
+
 Moving a request to another engine uses three more operations (vLLM's delayed free on
 ``finished_sending`` is the pattern for the first):
 
@@ -236,6 +247,44 @@ class BlockManager:
         self._pending_free.clear()
         self._host_free.extend(self._pending_host_free)
         self._pending_host_free.clear()
+
+    def fork(self, parent_id: str, child_id: str,
+             num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give ``child_id`` (holding no blocks) a table covering the first ``num_tokens``
+        tokens of ``parent_id``'s device table, in the parent's cache mode: the parent's
+        blocks wholly within them shared, the block holding the last of them, if partly
+        filled, replaced by a new one for the child.
+
+        Returns the copies the engine must make, ``[(parent's block, child's block)]``
+        (none or one), or None (nothing changes) if ``num_tokens`` is 0, the parent's
+        device table does not cover them, the child holds blocks, or no block is free.
+        """
+        table = self._tables.get(parent_id)
+        if num_tokens <= 0 or table is None or child_id in self._tables \
+                or child_id in self._host_tables or child_id in self._reserved:
+            return None
+        hidden = parent_id in self._hidden
+        per_block = self.tokens_per_block(hidden)
+        num_full, partial = divmod(num_tokens, per_block)
+        if num_full + (partial > 0) > len(table) or (partial and not self._free):
+            return None
+        child = table[:num_full]
+        for block_id in child:
+            self._ref_counts[block_id] += 1
+        copies = []
+        if partial:
+            block_id = self._free.popleft()
+            self._ref_counts[block_id] = 1
+            copies.append((table[num_full], block_id))
+            child = [*child, block_id]
+        self._tables[child_id] = child
+        if hidden:
+            self._hidden.add(child_id)
+        return copies
+
+    def num_shared_blocks_of(self, request_id: str) -> int:
+        """Device blocks of the request that another table holds too."""
+        return sum(1 for b in self._tables.get(request_id, ()) if self._ref_counts[b] > 1)
 
     def block_ids(self, request_id: str) -> tuple[int, ...]:
         """The device block table (a copy)."""

@@ -34,6 +34,7 @@ from ..core.scheduler import (
 from ..model.args import LlamaArgs
 from ..model.parallel import check_divisible
 from .executor import Executor, LocalExecutor, ShardSpec
+from .forks import PendingForks
 from .iteration_stats import IterationStats
 from .kv_cache import hidden_bytes_per_token, hidden_tokens_per_block, kv_bytes_per_token
 from .migration import RequestMigration
@@ -96,6 +97,8 @@ class EngineStats:
     hidden_mode_available: bool = False
     num_hidden_tokens_total: int = 0  # tokens computed by requests in hidden mode
     num_mixed_mode_steps_total: int = 0  # iterations whose batch held both modes
+    # Blocks sequences of one prompt got from another instead of allocating (``fork_of``).
+    num_shared_blocks_total: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,6 +164,8 @@ class LLMEngine(RequestMigration):
         self._num_generated_tokens_total = 0
         self._num_hidden_tokens_total = 0
         self._num_mixed_mode_steps_total = 0
+        self._forks = PendingForks()
+        self._num_shared_blocks_total = 0
         self._last_step_s = 0.0
         self._num_iterations = 0
         # With record_iteration_stats, each step() leaves its IterationStats here (off by
@@ -227,6 +232,7 @@ class LLMEngine(RequestMigration):
         stream: bool = True,
         priority: str = NORMAL_PRIORITY,
         return_perf_metrics: bool = False,
+        fork_of: str | None = None,
     ) -> None:
         """Validate and queue a request. Raises ``ValueError`` with a user-facing message.
 
@@ -235,10 +241,13 @@ class LLMEngine(RequestMigration):
         ``echo_prompt``: the output text starts with the prompt. ``stream=False``: every
         output but the last has empty text, and the last has all of it. ``priority``:
         "high" or "normal" (``core/request.py``). ``return_perf_metrics``: outputs carry the
-        request's timings and block counts (``RequestOutput.metrics``).
+        request's timings and block counts (``RequestOutput.metrics``). ``fork_of``: another
+        sequence of the same prompt, added just before and not started yet: this one shares
+        its prefill and the prompt's blocks (``engine/forks.py``).
         """
         check_priority(priority)
-        if request_id in self.scheduler.requests or request_id in self.scheduler.detached:
+        if (request_id in self.scheduler.requests or request_id in self.scheduler.detached
+                or request_id in self._forks):
             raise ValueError(f"duplicate request id {request_id!r}")
         if cache_mode is CacheMode.HIDDEN and not self.block_manager.supports_hidden:
             raise ValueError(
@@ -282,7 +291,15 @@ class LLMEngine(RequestMigration):
                 final_only=not stream),
             extras=RequestExtras.for_request(sampling, len(prompt_ids), return_perf_metrics),
         )
-        self.scheduler.add_request(request)
+        parent = self.scheduler.requests.get(fork_of) if fork_of is not None else None
+        if (parent is not None and not parent.output_token_ids
+                and parent.prompt_token_ids == prompt_ids
+                and parent.sampling.max_tokens == sampling.max_tokens):
+            # What the scheduler checks of a new request (that it could ever fit) holds:
+            # the parent, the same size, passed.
+            self._forks.add(parent.request_id, request)
+        else:
+            self.scheduler.add_request(request)
 
     def _check_token_ids(self, sampling: SamplingParams) -> None:
         """Token ids of banned and stop sequences and of the logit bias exist in the vocab."""
@@ -297,9 +314,17 @@ class LLMEngine(RequestMigration):
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Remove a request (cancelled); its blocks return. None if unknown or done."""
+        request = self._forks.discard(request_id)
+        if request is not None:  # never started
+            request.status = RequestStatus.FINISHED_ABORTED
+            return RequestOutput(request_id=request_id, text="", token_ids=[], finished=True,
+                                 finish_reason="abort",
+                                 num_prompt_tokens=request.num_prompt_tokens)
         request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
             return None
+        for child in self._forks.pop_children(request_id):  # they go on without it
+            self.scheduler.add_request(child)
         self.block_manager.unpin(request_id)  # if it was being moved
         return RequestOutput(
             request_id=request_id, text="", token_ids=[], finished=True,
@@ -343,6 +368,8 @@ class LLMEngine(RequestMigration):
                 states[item.request_id] = SamplingState(
                     request.sampling, request.generator, request.num_output_tokens)
         sampled = self.executor.execute(output, states)
+        if self._forks:
+            self._fork_sampled(sampled)
         self._count_cache_modes(output)
         # The iteration's measured time is the service each scheduled job received.
         self._last_step_s = time.perf_counter() - start
@@ -365,6 +392,32 @@ class LLMEngine(RequestMigration):
         if self.record_iteration_stats:
             self._record_iteration(output, timestamp, start)
         return results
+
+    def _fork_sampled(self, sampled: dict[str, int]) -> None:
+        """Sequences waiting for a request whose prompt this step finished get its blocks."""
+        for parent_id in sampled:
+            for child in self._forks.pop_children(parent_id):
+                self._fork(self.scheduler.requests[parent_id], child)
+
+    def _fork(self, parent: Request, child: Request) -> None:
+        bm = self.block_manager
+        num_computed = parent.num_prompt_tokens - 1  # the child feeds the last one itself
+        copies = bm.fork(parent.request_id, child.request_id, num_computed)
+        if copies is None:  # no block free for the copy, or a one-token prompt
+            self.scheduler.add_request(child)
+            return
+        if copies:
+            sources, destinations = zip(*copies, strict=True)
+            self.executor.write_blocks(destinations, False,
+                                       self.executor.read_blocks(sources, False))
+        num_shared = len(bm.block_ids(child.request_id)) - len(copies)
+        self._num_shared_blocks_total += num_shared
+        if child.extras is not None:
+            child.extras.num_blocks_reused = num_shared
+        child.num_computed_tokens = num_computed
+        child.cache_mode = parent.cache_mode
+        child.first_scheduled_time_s = parent.first_scheduled_time_s
+        self.scheduler.adopt(child, None)
 
     def _record_iteration(self, output: SchedulerOutput, timestamp: float, start: float) -> None:
         sched, bm = self.scheduler, self.block_manager
@@ -449,6 +502,7 @@ class LLMEngine(RequestMigration):
             hidden_mode_available=self.block_manager.supports_hidden,
             num_hidden_tokens_total=self._num_hidden_tokens_total,
             num_mixed_mode_steps_total=self._num_mixed_mode_steps_total,
+            num_shared_blocks_total=self._num_shared_blocks_total,
         )
 
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[str]:

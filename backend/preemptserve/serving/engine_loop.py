@@ -85,6 +85,7 @@ class _Submission:
     stream: bool = True
     priority: str = "normal"
     return_perf_metrics: bool = False
+    fork_of: str | None = None
     stage: _Stage = _Stage.SUBMITTED  # under EngineLoop._lock
     polling: bool = False  # sender thread only: is_cancelled() is still asked
 
@@ -154,13 +155,15 @@ class EngineLoop:
         request_id: str | None = None,
         priority: str = "normal",
         return_perf_metrics: bool = False,
+        fork_of: str | None = None,
     ) -> str:
         """Queue a request (text, or token ids); returns its id (``request_id``, or a new
         one). Never raises for bad input.
 
         ``echo_prompt`` and ``stream`` shape the outputs' text (``LLMEngine.add_request``);
         ``priority`` is "high" or "normal"; ``return_perf_metrics``: outputs carry timings
-        and block counts.
+        and block counts; ``fork_of``: a request of the same prompt submitted just before,
+        whose prefill and KV blocks this one shares (``LLMEngine.add_request``).
 
         Raises ``QueueFullError`` (nothing else happens: no callback, no trace of the
         request) when ``max_queue_size`` requests are waiting. After shutdown the request
@@ -169,7 +172,7 @@ class EngineLoop:
         request_id = request_id or uuid.uuid4().hex
         sub = _Submission(request_id, prompt, sampling, on_output, is_cancelled,
                           ttft_slo_s, tbt_slo_s, echo_prompt, stream, priority,
-                          return_perf_metrics)
+                          return_perf_metrics, fork_of)
         with self._lock:
             if self._closed:  # ended at once, never in the table: nothing to poll or leak
                 sub.stage = _Stage.ENDED
@@ -362,7 +365,8 @@ class EngineLoop:
                                         ttft_slo_s=sub.ttft_slo_s, tbt_slo_s=sub.tbt_slo_s,
                                         echo_prompt=sub.echo_prompt, stream=sub.stream,
                                         priority=sub.priority,
-                                        return_perf_metrics=sub.return_perf_metrics)
+                                        return_perf_metrics=sub.return_perf_metrics,
+                                        fork_of=sub.fork_of)
             except ValueError as exc:  # bad input: the message is for the client
                 error = str(exc)
             except Exception:

@@ -59,6 +59,10 @@ class EngineMetrics:
                         "requests were waiting", kind=counter)
         # Incremented by execute() as it refuses a request, not from EngineStats.
         self.rejected_queue_full = rejected.Metric(labels={**labels, "reason": "queue_full"})
+        shared_blocks = pb_utils.MetricFamily(
+            name="preemptserve_kv_blocks_shared_total",
+            description="KV blocks a sequence took from another sequence of the same prompt "
+                        "(num_return_sequences) instead of allocating them", kind=counter)
         mixed_steps = pb_utils.MetricFamily(
             name="preemptserve_mixed_mode_iterations_total",
             description="Iterations whose batch held requests of both cache modes",
@@ -75,11 +79,13 @@ class EngineMetrics:
             (swap_seconds.Metric(labels=labels), "swap_time_s_total"),
             (mode_tokens.Metric(labels={**labels, "mode": "hidden"}), "num_hidden_tokens_total"),
             (mixed_steps.Metric(labels=labels), "num_mixed_mode_steps_total"),
+            (shared_blocks.Metric(labels=labels), "num_shared_blocks_total"),
         ]
         self._last = {field: 0 for _, field in self._counters}
         # A family must outlive its metrics, or updates fail.
         self._families = (requests, blocks, health, preemptions, recomputations, tokens, swaps,
-                          swap_bytes, swap_seconds, mode_tokens, mixed_steps, rejected)
+                          swap_bytes, swap_seconds, mode_tokens, mixed_steps, rejected,
+                          shared_blocks)
         self.update(stats)
 
     def update(self, stats: EngineStats) -> None:

@@ -123,15 +123,20 @@ class TritonPythonModel:
             self._groups.setdefault(triton_id, set()).add(group)
         submitted = []
         try:
+            first_id = ""
             for item, index, responder in sequences:
                 sampling = item.sampling if index == 0 else replace(
                     item.sampling, seed=sequence_seed(item.sampling.seed, index))
+                if index == 0:
+                    first_id = responder.request_id
                 self.loop.submit(item.prompt_ids, sampling, responder,
                                  is_cancelled=sender.is_cancelled,
                                  ttft_slo_s=parsed.ttft_slo_s, tbt_slo_s=parsed.tbt_slo_s,
                                  priority=parsed.priority, echo_prompt=False, stream=True,
                                  request_id=responder.request_id,
-                                 return_perf_metrics=item.return_perf_metrics)
+                                 return_perf_metrics=item.return_perf_metrics,
+                                 # The item's other sequences share its first's prefill.
+                                 fork_of=first_id if index else None)
                 submitted.append(responder.request_id)
         except QueueFullError as exc:  # overloaded: refuse now rather than queue
             self._cancel(submitted)
