@@ -29,6 +29,7 @@ from trtllm_helpers import (
     write_trtllm_repository,
 )
 
+from preemptserve.core.request import SamplingParams
 from preemptserve.model.default_model import ensure_default_model
 from preemptserve.triton_server import TritonServer
 
@@ -120,6 +121,44 @@ def test_end_to_end_client_log_probs(server, reference, model):
     got = outputs[0]["output_log_probs"].reshape(-1)
     np.testing.assert_allclose(got, log_probs, atol=1e-4)
     assert outputs[0]["cum_log_probs"].reshape(-1)[0] == pytest.approx(sum(log_probs), abs=1e-3)
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_end_to_end_client_logits_and_perf_metrics(server, reference, model):
+    prompt_len = len(reference.prompt_ids(PROMPT))
+    out = e2e_client(server, "-p", PROMPT, "--model-name", model, "--return-context-logits",
+                     "--return-generation-logits", "--return-perf-metrics")
+    vocab = reference.engine.args.vocab_size
+    assert f"context_logits.shape: (1, {prompt_len}, {vocab})" in out
+    assert f"generation_logits.shape: (1, 1, {NUM_TOKENS}, {vocab})" in out
+    assert "kv_cache_alloc_total_blocks: 1" in out and "total_draft_tokens: 0" in out
+
+
+def test_token_logits_are_the_checkpoints(server, reference):
+    """context_logits and generation_logits of tensorrt_llm equal the reference engine's
+    (itself checked against transformers); the greedy tokens are their argmax."""
+    prompt_ids = reference.prompt_ids(PROMPT)
+    engine = reference.engine
+    engine.add_request("logits", prompt_ids, SamplingParams(
+        max_tokens=4, min_length=4, return_context_logits=True, return_generation_logits=True))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.extend(engine.step())
+    responses = stream_infer(server, "tensorrt_llm", {
+        "input_ids": np.array([prompt_ids], np.int32),
+        "input_lengths": np.array([[len(prompt_ids)]], np.int32),
+        "request_output_len": np.array([[4]], np.int32),
+        "min_tokens": np.array([[4]], np.int32),
+        "exclude_input_in_output": np.array([[True]]),
+        "return_context_logits": np.array([[True]]),
+        "return_generation_logits": np.array([[True]])})
+    (response,) = responses
+    np.testing.assert_allclose(response["context_logits"][0],
+                               outputs[0].context_logits.numpy(), atol=1e-4)
+    generation = response["generation_logits"][0, 0]
+    np.testing.assert_allclose(generation, np.stack([o.generation_logits[0].numpy()
+                                                     for o in outputs]), atol=1e-4)
+    assert response["output_ids"][0, 0].tolist() == generation.argmax(-1).tolist()
 
 
 def test_token_client_streaming_and_stop_request(server, reference, tmp_path):
