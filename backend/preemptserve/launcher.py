@@ -70,15 +70,31 @@ def _follow(path: Path, out: TextIO, stop: threading.Event) -> None:
 
 def _banner(server: TritonServer, model: str = "llm") -> str:
     repo = REPO_ROOT
+    header = [
+        "",
+        f"Triton is serving {server.model_repository}",
+        f"  gRPC     {server.grpc_url}",
+        f"  HTTP     {server.http_url}",
+        f"  metrics  {server.metrics_url}",
+        *([f"  log      {server.log_path}"] if server.log_path else []),
+        "",
+    ]
+    if (server.model_repository / "ensemble").is_dir():  # model_repository_trtllm
+        client = repo / "tests/tensorrtllm_backend/inflight_batcher_llm/client"
+        return "\n".join([
+            *header,
+            "TensorRT-LLM's models (docs/trtllm_drop_in.md); their own client:",
+            f"  {repo}/.venv/bin/python {client}/end_to_end_grpc_client.py "
+            f'-u {server.grpc_url} -S -p "The capital of France is" -o 32',
+            "Or with curl:",
+            f"  curl -s -X POST {server.http_url}/v2/models/ensemble/generate "
+            '-d \'{"text_input": "What is machine learning?", "max_tokens": 20, '
+            '"bad_words": "", "stop_words": ""}\'',
+            "", "Press Ctrl-C to stop.", "",
+        ])
     return "\n".join(
         [
-            "",
-            f"Triton is serving {server.model_repository}",
-            f"  gRPC     {server.grpc_url}",
-            f"  HTTP     {server.http_url}",
-            f"  metrics  {server.metrics_url}",
-            *([f"  log      {server.log_path}"] if server.log_path else []),
-            "",
+            *header,
             "Stream tokens with the gRPC client:",
             f"  {repo}/.venv/bin/python {repo}/client/stream_client.py --url {server.grpc_url} "
             f'--model {model} --prompt "The capital of France is" --max-tokens 32',

@@ -9,8 +9,11 @@ One server serves the whole module.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import queue
+import subprocess
 import urllib.request
 
 import numpy as np
@@ -22,6 +25,7 @@ from trtllm_helpers import (
     BENCHMARK,
     DATASET,
     E2E_CLIENT,
+    ROOT,
     TOKEN_CLIENT,
     Reference,
     as_json,
@@ -188,6 +192,35 @@ def test_token_benchmark_script(server, tmp_path):
                                  "dataset", "--dataset", str(dataset),
                                  "--tokenizer-dir", str(ensure_default_model())])
     assert "Total Latency" in out and "Total request latencies" in out
+
+
+@pytest.mark.parametrize("model", ["tensorrt_llm", "ensemble"])
+def test_perf_analyzer_streaming(server, reference, model, tmp_path):
+    """perf_analyzer --streaming (client/run_perf_analyzer.sh) against the token model and
+    the ensemble: every request streams its 16 tokens."""
+    prompt = "The capital of France is"
+    ids = reference.prompt_ids(prompt)
+    if model == "tensorrt_llm":
+        row = {"input_ids": {"content": ids, "shape": [len(ids)]},
+               "input_lengths": [len(ids)], "request_output_len": [16], "min_tokens": [16],
+               "streaming": [True]}
+    else:
+        row = {"text_input": [prompt], "max_tokens": [16], "min_tokens": [16],
+               "stream": [True]}
+    data = tmp_path / "inputs.json"
+    data.write_text(json.dumps({"data": [row]}))
+    report = tmp_path / "perf.csv"
+    env = {**os.environ, "PERF_URL": server.grpc_url, "PERF_MODEL": model,
+           "PERF_INPUT_DATA": str(data), "PERF_MEASUREMENT_MS": "3000"}
+    process = subprocess.run(
+        [str(ROOT / "client" / "run_perf_analyzer.sh"), "--concurrency-range", "2",
+         "-f", str(report), "--max-trials", "3", "--stability-percentage", "999"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    (result,) = list(csv.DictReader(report.open()))
+    assert float(result["Inferences/Second"]) > 0
+    # Chunks may hold two tokens (a character across tokens): at least 8 per request.
+    assert float(result["Response Throughput"]) >= 8 * float(result["Inferences/Second"])
 
 
 def test_readme_generate_examples(server, reference):
