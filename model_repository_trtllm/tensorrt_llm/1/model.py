@@ -139,9 +139,9 @@ class TritonPythonModel:
                                  fork_of=first_id if index else None)
                 submitted.append(responder.request_id)
         except QueueFullError as exc:  # overloaded: refuse now rather than queue
+            group.closed = True  # before the cancels: their outputs are not sent
             self._cancel(submitted)
             self.metrics.rejected_queue_full.increment(1)
-            group.closed = True
             self._forget(triton_id, group)
             sender.send(_error(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
 
