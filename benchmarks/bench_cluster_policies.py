@@ -4,7 +4,9 @@ A100 LLaMA-2-7B profile (``sim/profiles``), fcfs beside every other setup in the
 Experiments (``--experiments``, all by default):
 
 * ``dispatch``: round robin vs freeness dispatch (INFaaS++-like) vs Llumnix (freeness
-  dispatch + live migration), fcfs inside each instance (vLLM's), on ShareGPT-like
+  dispatch + live migration, the shortest running request moves) vs ``llumnix-fcw``
+  (the same, the first waiting request moving first), fcfs inside each instance
+  (vLLM's), on ShareGPT-like
   lengths with Poisson (CV 1) and Gamma (CV 2, 4, 8) arrivals, at loads 0.5-1.5x of the
   cluster's capacity, in two memory regimes: ``a10`` (7 GiB of KV per instance, what a
   24 GB A10 has left beside LLaMA-7B, Llumnix's setting) and ``a100`` (56 GiB: an 80 GB
@@ -62,6 +64,10 @@ SETUPS: dict[str, dict[str, str]] = {
     "round_robin": {"dispatch_policy": "round_robin", "enable_migration": "false"},
     "infaas++": {"dispatch_policy": "load", "enable_migration": "false"},
     "llumnix": {"dispatch_policy": "load", "enable_migration": "true"},
+    # Beyond the paper's setups: the first waiting request moves first (no cache to copy),
+    # else the shortest running one.
+    "llumnix-fcw": {"dispatch_policy": "load", "enable_migration": "true",
+                    "migration_request_policy": "FCWSR"},
 }
 SCALING_BANDS = ((10.0, 60.0), (5.0, 30.0), (20.0, 120.0))  # (up below, down above)
 PRIORITY_KEEP_BLOCKS = 100  # Llumnix's artifact: the instance behaves as if it had 100
@@ -148,8 +154,8 @@ def build_tasks(args: argparse.Namespace, capacity: Mapping[str, float]) -> list
 
     if "dispatch" in args.experiments or "local" in args.experiments:
         for regime in args.regimes:
-            for cv in args.cvs:
-                for load in args.loads:
+            for cv in (args.cvs if regime == "a10" else args.a100_cvs):
+                for load in (args.loads if regime == "a10" else args.a100_loads):
                     for name, setup in SETUPS.items():
                         add("dispatch", regime, cv, load, name, "fcfs",
                             cluster_params(regime, setup))
@@ -161,10 +167,12 @@ def build_tasks(args: argparse.Namespace, capacity: Mapping[str, float]) -> list
                         cluster_params("a10", SETUPS["llumnix"]))
     if "priority" in args.experiments:
         num_blocks = int(REGIMES["a10"]["kv_cache_bytes"]) // block_bytes()
-        headroom = str(num_blocks - PRIORITY_KEEP_BLOCKS)
+        headroom = str(num_blocks - args.priority_keep_blocks)
+        with_headroom = ("llumnix" if args.priority_keep_blocks == PRIORITY_KEEP_BLOCKS
+                         else f"llumnix-keep{args.priority_keep_blocks}")
         for cv in (2.0, 4.0, 8.0):
             for load in args.priority_loads:
-                for name, blocks in (("llumnix", headroom), ("llumnix-base", "0")):
+                for name, blocks in ((with_headroom, headroom), ("llumnix-base", "0")):
                     add("priority", "a10", cv, load, name, "fcfs",
                         cluster_params("a10", SETUPS["llumnix"],
                                        priority_headroom_blocks=blocks),
@@ -268,12 +276,12 @@ def priority_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
     cells = _by(results, "priority")
     rows = []
     for (reg, cv, load, setup, policy), r in sorted(cells.items()):
-        if setup != "llumnix":
+        if setup == "llumnix-base":
             continue
         b = cells[(reg, cv, load, "llumnix-base", policy)]
         for level in ("high", "normal"):
             m, bm = r[f"metrics_{level}"], b[f"metrics_{level}"]
-            rows.append([f"cv {cv:g} x{load:g}", level,
+            rows.append([f"cv {cv:g} x{load:g}", f"{setup}: {level}",
                          _f(m["mean_jct_s"]), _f(bm["mean_jct_s"]),
                          _ratio(bm["mean_jct_s"], m["mean_jct_s"]),
                          _f(m["mean_ttft_s"]), _f(bm["mean_ttft_s"]),
@@ -281,7 +289,8 @@ def priority_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
                          _ratio(bm["p99_ttft_s"], m["p99_ttft_s"]),
                          _f(m["mean_tbt_s"], 1e3, 1), _f(bm["mean_tbt_s"], 1e3, 1),
                          _ratio(bm["mean_tbt_s"], m["mean_tbt_s"])])
-    print_table("priorities, 10% high (a10 regime): Llumnix with headroom vs without (base)",
+    print_table("priorities, 10% high (a10 regime): Llumnix with headroom (llumnix: all "
+                "blocks but 100; llumnix-keepK: all but K) vs without (base)",
                 ["cell", "requests", "mean JCT s", "base", "base/x", "mean TTFT s", "base",
                  "base/x", "P99 TTFT base/x", "mean TBT ms", "base", "base/x"], rows, fmt)
 
@@ -324,19 +333,28 @@ def parse_args() -> argparse.Namespace:
                         choices=["dispatch", "local", "priority", "scaling"])
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--cvs", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--a100-cvs", type=float, nargs="+", default=[1.0, 4.0],
+                        help="arrival CVs of the a100 regime's dispatch cells")
+    parser.add_argument("--a100-loads", type=float, nargs="+", default=None,
+                        help="loads of the a100 regime's dispatch cells (default --loads)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2, 1.5])
     parser.add_argument("--priority-loads", type=float, nargs="+", default=[0.8, 1.0])
+    parser.add_argument("--priority-keep-blocks", type=int, default=PRIORITY_KEEP_BLOCKS,
+                        help="the headroom leaves an instance holding a high-priority "
+                        "request this many blocks for normal ones (Llumnix's artifact: 100)")
     parser.add_argument("--scaling-loads", type=float, nargs="+", default=[0.3, 0.6])
     parser.add_argument("--startup-s", type=float, default=20.0,
                         help="an added instance's start-up (model load) time")
-    parser.add_argument("--num-requests", type=int, default=4000)
+    parser.add_argument("--num-requests", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--format", choices=["plain", "markdown", "rich"], default="plain")
     parser.add_argument("--out", type=Path, default=None, help="PATH (writes PATH.json)")
     parser.add_argument("--report", type=Path, default=None,
                         help="print the tables of a saved PATH.json and exit")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.a100_loads = args.a100_loads or args.loads
+    return args
 
 
 def main() -> int:
