@@ -127,6 +127,45 @@ def run_task(task: Task) -> dict[str, Any]:
     return out
 
 
+def herding(capacity: float, loads: Sequence[float], num_requests: int, seed: int) -> None:
+    """Freeness dispatch between two load reports (a10, CV 1): how often every request
+    dispatched in one 50 ms tick went to one instance, and how many requests went to an
+    instance whose dispatch freeness was negative."""
+    for load in loads:
+        seen = _dispatches(Task("herding", "a10", 1.0, load, load * capacity, "infaas++",
+                                "fcfs", cluster_params("a10", SETUPS["infaas++"]),
+                                num_requests, seed))
+        ticks: dict[int, list[int]] = {}
+        for tick, instance, _ in seen:
+            ticks.setdefault(tick, []).append(instance)
+        several = [v for v in ticks.values() if len(v) > 1]
+        one = sum(len(set(v)) == 1 for v in several)
+        negative = sum(n for _, _, n in seen)
+        print(f"load {load:g}: {one} of {len(several)} ticks with several dispatches sent "
+              f"them all to one instance ({one / max(1, len(several)):.0%}); {negative} of "
+              f"{len(seen)} requests went to an instance with negative freeness")
+
+
+def _dispatches(task: Task) -> list[tuple[int, int, bool]]:
+    """(tick, instance, its dispatch freeness was negative) of every dispatch."""
+    cost = load_profile(PROFILE)
+    params = {**served_parameters(), **dict(task.params), "scheduler_policy": task.policy}
+    sim = ClusterSimulator(ClusterSimConfig.from_parameters(params, cost), cost,
+                           make_workload(task), SLO_DEFAULT)
+    choose, seen = sim.dispatcher.choose, []
+
+    def recording(*args: Any, **kwargs: Any) -> int:
+        instance = choose(*args, **kwargs)
+        report = sim.dispatcher.load(instance)
+        seen.append((int(sim.now_s / 0.05), instance,
+                     report is not None and report.dispatch_freeness < 0))
+        return instance
+
+    sim.dispatcher.choose = recording  # type: ignore[method-assign]
+    sim.run()
+    return seen
+
+
 def capacity_rps(regime: str, num_requests: int, seed: int) -> float:
     """One instance's fcfs capacity (every request at 0), times the instances."""
     cost = load_profile(PROFILE)
@@ -350,6 +389,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--format", choices=["plain", "markdown", "rich"], default="plain")
     parser.add_argument("--out", type=Path, default=None, help="PATH (writes PATH.json)")
+    parser.add_argument("--herding", type=float, nargs="+", default=None, metavar="LOAD",
+                        help="only the herding diagnostic of freeness dispatch at these loads")
     parser.add_argument("--report", type=Path, default=None,
                         help="print the tables of a saved PATH.json and exit")
     args = parser.parse_args()
@@ -361,6 +402,10 @@ def main() -> int:
     args = parse_args()
     if args.report is not None:
         report(json.loads(args.report.read_text()), args.format)
+        return 0
+    if args.herding:
+        herding(capacity_rps("a10", 1000, args.seed), args.herding, args.num_requests,
+                args.seed)
         return 0
     started = time.perf_counter()
     regimes = set(args.regimes) | ({"a10"} if set(args.experiments) - {"dispatch"} else set())
