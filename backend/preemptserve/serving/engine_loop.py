@@ -46,6 +46,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import ServingConfig
 from ..core.request import SamplingParams
 from ..engine.iteration_stats import IterationLog
 from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
@@ -136,6 +137,23 @@ class EngineLoop:
         self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    @classmethod
+    def for_model(cls, engine: LLMEngine, config: ServingConfig,
+                  on_stats: Callable[[EngineStats], None],
+                  on_failure: Callable[[str], None]) -> EngineLoop:
+        """The loop of a Triton model, with the model's settings. ``on_stats`` and
+        ``on_failure`` call into the server (metrics, health): they run on the thread that
+        sends the responses, the engine thread only hands them over."""
+        loop: EngineLoop = cls(
+            engine,
+            cancellation_check_period_s=config.cancellation_check_period_ms / 1000,
+            on_stats=lambda stats: loop.call_on_sender(lambda: on_stats(stats)),
+            on_failure=lambda reason: loop.call_on_sender(lambda: on_failure(reason)),
+            iteration_stats_path=config.iteration_stats_path or None,
+            max_queue_size=config.max_queue_size,
+        )
+        return loop
 
     def start(self) -> None:
         self._sender.start()

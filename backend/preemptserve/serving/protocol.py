@@ -82,7 +82,9 @@ def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, kinds: str, what
     return array.reshape(-1)[0].item()
 
 
-def _text(value: object, name: str) -> str:
+def text_value(value: object, name: str) -> str:
+    """One element of a BYTES input as text; ``InvalidRequest`` naming the input if it is
+    not UTF-8 or not a string."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
@@ -137,7 +139,7 @@ def parse_generate_request(
         raise InvalidRequest("missing required input 'text_input'")
     if text.size != 1:
         raise InvalidRequest(f"input 'text_input' must hold one string, got shape {text.shape}")
-    prompt = _text(text.reshape(-1)[0], "text_input")
+    prompt = text_value(text.reshape(-1)[0], "text_input")
 
     max_tokens = _scalar(inputs, "max_tokens", "iu", "an integer (INT32)")
     if max_tokens is None:
@@ -151,7 +153,7 @@ def parse_generate_request(
         if stop.dtype.kind not in "OSU":
             raise InvalidRequest(f"input 'stop_words' must be strings (BYTES), got {stop.dtype}")
         # An empty word is no word (TensorRT-LLM's convention: "stop_words": "" is none).
-        stop_words = tuple(w for w in (_text(v, "stop_words") for v in stop.reshape(-1)) if w)
+        stop_words = tuple(w for w in (text_value(v, "stop_words") for v in stop.reshape(-1)) if w)
 
     def opt(name: str, kinds: str, what: str, default):  # type: ignore[no-untyped-def]
         value = _scalar(inputs, name, kinds, what)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.tokenizer import TextTokenizer
-from .protocol import InvalidRequest
+from .protocol import InvalidRequest, text_value
 
 # Inputs of the official preprocessing model that are not implemented, with why.
 PREPROCESSING_REJECTED = {
@@ -107,7 +107,7 @@ class TextCodec:
 
     def encode_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[B, 1]`` prompts -> ids ``[B, L]`` (padded with the pad id), lengths ``[B, 1]``."""
-        rows = [self.tokenizer.encode(_text(query, "QUERY"), self.add_special_tokens)
+        rows = [self.tokenizer.encode(text_value(query, "QUERY"), self.add_special_tokens)
                 for query in queries.reshape(queries.shape[0], -1)[:, 0]]
         if any(not row for row in rows):
             raise InvalidRequest("input 'QUERY' (text_input): a prompt encodes to no tokens")
@@ -127,7 +127,7 @@ class TextCodec:
             item_ids: list[int] = []
             item_ends: list[int] = []
             for word in row:
-                ids = self.tokenizer.encode(_text(word, name), add_special_tokens=False)
+                ids = self.tokenizer.encode(text_value(word, name), add_special_tokens=False)
                 if ids:
                     item_ids += ids
                     item_ends.append(len(item_ids))
@@ -159,7 +159,7 @@ class TextCodec:
                 raise InvalidRequest("'embedding_bias_words' and 'embedding_bias_weights' "
                                      "need one weight per word")
             for word, weight in zip(row_words, row_weights, strict=True):
-                for token_id in self.tokenizer.encode(_text(word, "EMBEDDING_BIAS_WORDS"),
+                for token_id in self.tokenizer.encode(text_value(word, "EMBEDDING_BIAS_WORDS"),
                                                       add_special_tokens=False):
                     bias[index, token_id] += float(weight)
         return bias
@@ -193,17 +193,6 @@ def check_preprocessing_inputs(inputs: Mapping[str, np.ndarray | None]) -> None:
         array = inputs.get(name)
         if array is not None and array.size:
             raise InvalidRequest(f"input '{name}' is not supported: {reason}")
-
-
-def _text(value: object, name: str) -> str:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"input '{name}' is not valid UTF-8") from exc
-    if isinstance(value, str):
-        return value
-    raise InvalidRequest(f"input '{name}' must be strings (BYTES), got {type(value).__name__}")
 
 
 def _rows(array: np.ndarray, size: int, name: str) -> list[list]:

@@ -49,17 +49,9 @@ class TritonPythonModel:
             return
         engine = LLMEngine(self.config.engine)
         self.metrics = _Metrics(self.model_name, engine.get_stats())
-        self.loop = EngineLoop(
-            engine,
-            cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
-            # Metrics and health are calls into the server: made on the thread that sends
-            # the responses (the engine thread only hands them over).
-            on_stats=lambda stats: self.loop.call_on_sender(lambda: self.metrics.update(stats)),
-            on_failure=lambda reason: self.loop.call_on_sender(
-                lambda: self._on_engine_failure(reason)),
-            iteration_stats_path=self.config.iteration_stats_path or None,
-            max_queue_size=self.config.max_queue_size,
-        )
+        # Metrics and health are calls into the server: made on the response sender thread.
+        self.loop = EngineLoop.for_model(engine, self.config, self.metrics.update,
+                                         self._on_engine_failure)
         self.loop.start()
         self.logger.log_info(
             f"preemptserve ({preemptserve.__path__[0]}): model {engine.model_dir} on "

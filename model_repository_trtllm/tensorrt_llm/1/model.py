@@ -49,15 +49,8 @@ class TritonPythonModel:
         self.model_name = args["model_name"]
         engine = LLMEngine(self.config.engine)
         self.metrics = EngineMetrics(self.model_name, engine.get_stats())
-        self.loop = EngineLoop(
-            engine,
-            cancellation_check_period_s=self.config.cancellation_check_period_ms / 1000,
-            on_stats=lambda stats: self.loop.call_on_sender(lambda: self.metrics.update(stats)),
-            on_failure=lambda reason: self.loop.call_on_sender(
-                lambda: self._on_engine_failure(reason)),
-            iteration_stats_path=self.config.iteration_stats_path or None,
-            max_queue_size=self.config.max_queue_size,
-        )
+        self.loop = EngineLoop.for_model(engine, self.config, self.metrics.update,
+                                         self._on_engine_failure)
         self.loop.start()
         # Triton request id -> its groups still answering (a "stop" request ends them).
         self._groups: dict[str, set[ResponseGroup]] = {}
