@@ -284,3 +284,14 @@ BlockManagerMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+def test_block_ids_is_a_snapshot_of_the_table() -> None:
+    # block_ids hands out the table itself (no copy per step): growing it makes a new one.
+    bm = make_manager()
+    bm.allocate("a", 4)
+    before = bm.block_ids("a")
+    assert bm.block_ids("a") is before  # no new block: the same table
+    bm.allocate("a", 5)
+    assert len(before) == 1 and len(bm.block_ids("a")) == 2
+    assert bm.block_ids("a")[:1] == before

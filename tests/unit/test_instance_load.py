@@ -6,7 +6,7 @@ import math
 
 from preemptserve.config import SchedulerConfig
 from preemptserve.core.block_manager import BlockManager
-from preemptserve.core.request import Request, SamplingParams
+from preemptserve.core.request import Request, RequestStatus, SamplingParams
 from preemptserve.core.scheduler import create_scheduler
 from preemptserve.core.scheduler.load import instance_load
 
@@ -49,3 +49,44 @@ def test_host_tier_blocks_of_started_requests_count_as_used() -> None:
     load = instance_load(sched)
     assert load.num_used_blocks == 2 and load.num_running == 1
     assert load.migration_freeness == (20 - 2) / 1
+
+
+def full_count(sched) -> tuple[int, int, int, int, int, int]:
+    """The load's request counts by one pass over every request (the definition)."""
+    bm = sched.block_manager
+    running = waiting = head = blocks = high_running = high_waiting = 0
+    for r in sched.requests.values():
+        if r.status.name == "WAITING":
+            needed = bm.blocks_for_tokens(r.num_prompt_tokens + 1, r.hidden)
+            head = head if waiting else needed
+            waiting, blocks, high_waiting = waiting + 1, blocks + needed, high_waiting + (
+                r.priority == "high")
+        else:
+            running, high_running = running + 1, high_running + (r.priority == "high")
+    return running, waiting, head, blocks, high_running, high_waiting
+
+
+def test_counts_equal_a_pass_over_every_request_wherever_the_waiting_ones_are() -> None:
+    # The report reads the table backwards until it has seen every waiting request: check
+    # it against the full pass with waiting requests before, between and after started
+    # ones (a reattached request goes to the end), high-priority ones among both.
+    sched = scheduler(num_blocks=40, max_batch_size=2)
+    for i, prompt in enumerate((7, 3, 11, 5, 2, 4)):
+        r = request(str(i), prompt)
+        r.priority = "high" if i % 3 == 0 else "normal"
+        sched.add_request(r)
+    loads = []
+    for _ in range(3):
+        sched.schedule()
+        loads.append((instance_load(sched), full_count(sched)))
+    started = next(rid for rid, r in sched.requests.items() if r.status.name != "WAITING")
+    sched.detach(started)
+    loads.append((instance_load(sched), full_count(sched)))
+    sched.reattach(started)  # now after the waiting ones in the table
+    loads.append((instance_load(sched), full_count(sched)))
+    sched.finish_request(next(iter(sched.requests)), RequestStatus.FINISHED_ABORTED)
+    loads.append((instance_load(sched), full_count(sched)))
+    for load, expected in loads:
+        assert (load.num_running, load.num_waiting, load.head_of_line_blocks,
+                load.waiting_blocks, load.num_high_running, load.num_high_waiting) == expected
+    assert any(expected[1] and expected[4] for _, expected in loads)  # both kinds present

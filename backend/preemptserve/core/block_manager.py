@@ -43,6 +43,7 @@ Moving a request to another engine uses three more operations (vLLM's delayed fr
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 
 class BlockManager:
@@ -75,7 +76,8 @@ class BlockManager:
         self._hidden: set[str] = set()  # requests whose table holds hidden states
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
-        self._tables: dict[str, list[int]] = {}
+        # Device tables are tuples (replaced as they grow): ``block_ids`` hands them out.
+        self._tables: dict[str, tuple[int, ...]] = {}
         self.num_host_blocks = num_host_blocks
         self._host_free: deque[int] = deque(range(num_host_blocks))
         self._host_tables: dict[str, list[int]] = {}
@@ -130,22 +132,23 @@ class BlockManager:
         table = self._tables.get(request_id)
         if table is not None and hidden != (request_id in self._hidden):
             raise ValueError(f"{request_id!r}: a table changes cache mode only after free()")
-        needed = -(-num_tokens // self.tokens_per_block(hidden)) - (
-            0 if table is None else len(table))
-        if needed <= 0 and table is not None:
+        tokens_per_block = self.tokens_per_block(hidden) if hidden else self.block_size
+        if table is not None and num_tokens <= len(table) * tokens_per_block:
             return True  # the common decode step: the last block has room
+        needed = -(-num_tokens // tokens_per_block) - (0 if table is None else len(table))
         if needed > len(self._free):
             return False
         if table is None:
             if request_id in self._host_tables:
                 raise ValueError(f"{request_id!r} is on the host tier: swap it in first")
-            table = self._tables[request_id] = []
+            table = ()
             if hidden:
                 self._hidden.add(request_id)
-        for _ in range(needed):
-            block_id = self._free.popleft()
+        new_blocks = [self._free.popleft() for _ in range(needed)]
+        for block_id in new_blocks:
             self._ref_counts[block_id] = 1
-            table.append(block_id)
+        # A new tuple once every block of tokens, so that block_ids needs no copy per step.
+        self._tables[request_id] = table + tuple(new_blocks)
         return True
 
     def free(self, request_id: str) -> int:
@@ -159,7 +162,7 @@ class BlockManager:
             return 0
         return len(self._release_device(table, self._free))
 
-    def _release_device(self, table: list[int], into: deque[int] | list[int]) -> list[int]:
+    def _release_device(self, table: Sequence[int], into: deque[int] | list[int]) -> list[int]:
         released = []
         # Freed in reverse so the tail blocks of a table are reused last.
         for block_id in reversed(table):
@@ -233,7 +236,7 @@ class BlockManager:
         host_table = self._host_tables.get(request_id)
         if host_table is None or len(host_table) > len(self._free):
             return None
-        table = [self._free.popleft() for _ in host_table]
+        table = tuple(self._free.popleft() for _ in host_table)
         for block_id in table:
             self._ref_counts[block_id] = 1
         del self._host_tables[request_id]
@@ -276,7 +279,7 @@ class BlockManager:
             block_id = self._free.popleft()
             self._ref_counts[block_id] = 1
             copies.append((table[num_full], block_id))
-            child = [*child, block_id]
+            child = (*child, block_id)
         self._tables[child_id] = child
         if hidden:
             self._hidden.add(child_id)
@@ -287,8 +290,8 @@ class BlockManager:
         return sum(1 for b in self._tables.get(request_id, ()) if self._ref_counts[b] > 1)
 
     def block_ids(self, request_id: str) -> tuple[int, ...]:
-        """The device block table (a copy)."""
-        return tuple(self._tables.get(request_id, ()))
+        """The device block table (immutable: a later allocation makes a new one)."""
+        return self._tables.get(request_id, ())
 
     def host_block_ids(self, request_id: str) -> tuple[int, ...]:
         """The host block table (a copy)."""
@@ -365,7 +368,10 @@ class BlockManager:
         if request_id in self._tables or request_id in self._host_tables:
             raise ValueError(f"{request_id!r} holds blocks already")
         table = reserved.pop(request_id)
-        (self._host_tables if on_host else self._tables)[request_id] = table
+        if on_host:
+            self._host_tables[request_id] = table
+        else:
+            self._tables[request_id] = tuple(table)
         if hidden:
             self._hidden.add(request_id)
         return tuple(table)

@@ -38,15 +38,17 @@ class EventKind(enum.IntEnum):
 
 class EventQueue:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, int, Any]] = []
+        self._heap: list[tuple[float, EventKind, int, Any]] = []
         self._seq = itertools.count()
 
     def push(self, time_s: float, kind: EventKind, payload: Any = None) -> None:
-        heapq.heappush(self._heap, (time_s, int(kind), next(self._seq), payload))
+        # The kind goes in as the enum member (an int: it orders as its value), so that
+        # pop returns it without a conversion.
+        heapq.heappush(self._heap, (time_s, kind, next(self._seq), payload))
 
     def pop(self) -> tuple[float, EventKind, Any]:
         time_s, kind, _, payload = heapq.heappop(self._heap)
-        return time_s, EventKind(kind), payload
+        return time_s, kind, payload
 
     def peek_time_s(self) -> float | None:
         return self._heap[0][0] if self._heap else None

@@ -196,7 +196,9 @@ class SimInstance:
         self.num_iterations += 1
         self.busy_s += duration_s
         self.swap_s += swap_s
-        self.num_hidden_tokens += sum(item.num_tokens for item in output.scheduled if item.hidden)
+        if self.block_manager.supports_hidden:  # else no item is in hidden mode
+            self.num_hidden_tokens += sum(item.num_tokens for item in output.scheduled
+                                          if item.hidden)
         self._empty_in_a_row = self._empty_in_a_row + 1 if output.is_empty else 0
         if self._empty_in_a_row > _MAX_EMPTY_ITERATIONS:
             raise RuntimeError(
@@ -208,7 +210,8 @@ class SimInstance:
     def finish(self, output: SchedulerOutput,
                duration_s: float) -> tuple[dict[str, int], list[Request]]:
         """The iteration's results: (tokens sampled by request id, requests finished)."""
-        sampled = {item.request_id: _TOKEN_ID for item in output.scheduled if item.sample}
+        sampled = {request_id: _TOKEN_ID
+                   for request_id, _, _, _, sample, _ in output.scheduled if sample}
         finished = self.scheduler.update_from_output(output, sampled, duration_s)
         if self.config.check_invariants:
             self.block_manager.check_invariants()
@@ -267,9 +270,10 @@ class SimInstance:
         block_bytes = self.config.block_bytes
         if cost.swap_overlaps_compute:
             # Only blocking swap-outs and swap-ins of scheduled requests hold the forward.
-            scheduled = {item.request_id for item in output.scheduled}
             waited = [s for s in output.swap_out if s.blocking]
-            waited += [s for s in output.swap_in if s.request_id in scheduled]
+            if output.swap_in:
+                scheduled = {item.request_id for item in output.scheduled}
+                waited += [s for s in output.swap_in if s.request_id in scheduled]
         else:
             waited = [*output.swap_out, *output.swap_in]
         swap_s = sum(cost.swap_time_s(s.num_blocks * block_bytes) for s in waited)

@@ -126,10 +126,11 @@ class AptScheduler(Scheduler):
         finished = super().update_from_output(output, sampled_token_ids, step_time_s,
                                               stop_hits)
         now = self.clock()
+        requests, record_token = self.requests, self._slo.record_token
         for request_id in sampled_token_ids:
-            request = self.requests.get(request_id)
+            request = requests.get(request_id)
             if request is not None:  # else finished in this step
-                self._slo.record_token(request, now)
+                record_token(request, now)
         return finished
 
     # -- the plan ------------------------------------------------------------------------
@@ -144,8 +145,9 @@ class AptScheduler(Scheduler):
         # One pass over the requests that have run: keep it lean. Those that have not are
         # summed without a pass, and only the most valuable of them are candidates.
         self._arrivals.expire(now)
+        value_of = self._slo.value  # ``value``, without a call layer per request
         for request_id, request in self._started.items():
-            value = values[request_id] = self.value(request, now)
+            value = values[request_id] = value_of(request, now)
             computed = request.num_computed_tokens
             if computed and computed + 1 == (len(request.prompt_token_ids)
                                              + len(request.output_token_ids)):

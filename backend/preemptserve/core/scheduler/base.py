@@ -32,13 +32,18 @@ from typing import Any, ClassVar
 from ...config import SchedulerConfig
 from ..block_manager import BlockManager
 from ..cost_model import CostModel
-from ..request import Request, RequestStatus
+from ..request import CacheMode, Request, RequestStatus
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .parameters import PolicyOptions
 from .service import OutputLengthHistory
 
 Clock = Callable[[], float]
+# Enum members read once: a class attribute read of an Enum is slow, and these are
+# read for every scheduled request every step.
 _RUNNING = RequestStatus.RUNNING
+_HIDDEN = CacheMode.HIDDEN
+# Builds a ScheduledRequest without the named tuple's Python-level __new__ (half its cost).
+_new_tuple = tuple.__new__
 # A policy's own state of one request, as plain data (what moves with it to another engine).
 PolicyState = dict[str, Any]
 
@@ -83,6 +88,7 @@ class Scheduler(ABC):
         # what the policy exported of them.
         self.detached: dict[str, tuple[Request, PolicyState]] = {}
         self._num_by_status: Counter[RequestStatus] = Counter()
+        self._num_high_priority = 0  # high-priority requests among ``requests``
         self._running_ids: KeysView[str] = {}.keys()
         self._finished_ids: list[str] = []  # left since the last plan
         # A running request that lost its place in the batch (any policy) ...
@@ -146,6 +152,7 @@ class Scheduler(ABC):
     def _insert(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         self._num_by_status[status] += 1
+        self._num_high_priority += request.is_high_priority
         self.requests[request.request_id] = request
 
     def _set_status(self, request: Request, status: RequestStatus) -> None:
@@ -162,6 +169,7 @@ class Scheduler(ABC):
         request_id = request.request_id
         del self.requests[request_id]
         self._num_by_status[request.status] -= 1
+        self._num_high_priority -= request.is_high_priority
         request.status = status
         self.block_manager.free(request_id)
         self._finished_ids.append(request_id)
@@ -177,6 +185,11 @@ class Scheduler(ABC):
     def num_waiting(self) -> int:
         """Requests never scheduled yet (the queue ``max_queue_size`` bounds)."""
         return self._num_by_status[RequestStatus.WAITING]
+
+    @property
+    def num_high_priority(self) -> int:
+        """High-priority requests among the unfinished ones (waiting, running, preempted)."""
+        return self._num_high_priority
 
     @property
     def num_running(self) -> int:
@@ -247,11 +260,13 @@ class Scheduler(ABC):
                       plan: Plan) -> ScheduledRequest | None:
         """Allocate blocks for ``num_tokens`` more tokens and add the work to ``plan``;
         None (nothing changes) if the blocks are not free."""
+        # Run for every scheduled request every step: plain attribute reads, no properties.
         request_id = request.request_id
         start = request.num_computed_tokens
         stop = start + num_tokens
-        hidden = request.hidden
-        if not self.block_manager.allocate(request_id, stop, hidden):
+        hidden = request.cache_mode is _HIDDEN
+        block_manager = self.block_manager
+        if not block_manager.allocate(request_id, stop, hidden):
             return None
         if request.first_scheduled_time_s is None:
             request.first_scheduled_time_s = self.clock()
@@ -259,15 +274,15 @@ class Scheduler(ABC):
             self._memory_preempted.pop(request_id, None)
         if request.status is not _RUNNING:
             self._set_status(request, _RUNNING)
-        num_total = request.num_tokens
-        if num_tokens == 1 and stop == num_total and request.output_token_ids:
-            token_ids: tuple[int, ...] = (request.output_token_ids[-1],)  # a decode
+        output_token_ids = request.output_token_ids
+        num_total = len(request.prompt_token_ids) + len(output_token_ids)
+        if num_tokens == 1 and stop == num_total and output_token_ids:
+            token_ids: tuple[int, ...] = (output_token_ids[-1],)  # a decode
         else:
             token_ids = tuple(request.token_ids(start, stop))
-        item = ScheduledRequest(request_id, token_ids, start,
-                                self.block_manager.block_ids(request_id), stop == num_total,
-                                hidden)
-        plan.selected[request_id] = item
+        item = plan.selected[request_id] = _new_tuple(ScheduledRequest, (
+            request_id, token_ids, start, block_manager.block_ids(request_id),
+            stop == num_total, hidden))
         return item
 
     def _schedule_resident(self, request: Request, num_tokens: int,
@@ -349,16 +364,18 @@ class Scheduler(ABC):
         this step's token (text is the engine's; the decision is ``_finish_status``'s).
         """
         finished: list[Request] = []
-        for item in output.scheduled:
-            request = self.requests.get(item.request_id)
+        requests, finish_status = self.requests, self._finish_status
+        # Unpacked rather than read by name: this runs for every request every step.
+        for request_id, token_ids, _, _, sample, _ in output.scheduled:
+            request = requests.get(request_id)
             if request is None:  # finished or detached during the step
                 continue
-            request.num_computed_tokens += item.num_tokens
-            if not item.sample:
+            request.num_computed_tokens += len(token_ids)
+            if not sample:
                 continue
-            token_id = sampled_token_ids[item.request_id]
+            token_id = sampled_token_ids[request_id]
             request.output_token_ids.append(token_id)
-            status = self._finish_status(request, token_id, item.request_id in stop_hits)
+            status = finish_status(request, token_id, request_id in stop_hits)
             if status is not None:
                 self._remove(request)
                 self._finish(request, status)
@@ -408,6 +425,7 @@ class Scheduler(ABC):
             del self._memory_preempted[request_id]
             self._memory_preempted_detached.add(request_id)
         self._num_by_status[request.status] -= 1
+        self._num_high_priority -= request.is_high_priority
         request.status = RequestStatus.MIGRATING
         self.detached[request_id] = (request, state)
         return state

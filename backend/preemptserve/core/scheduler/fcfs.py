@@ -64,13 +64,19 @@ class FCFSScheduler(Scheduler):
         preempted: list[Request] = []
 
         # Running requests first, oldest admission first.
+        running = self.running
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_tokens = min(request.num_uncomputed_tokens, budget)
+        while index < len(running) and budget > 0:
+            request = running[index]
+            # min(request.num_uncomputed_tokens, budget), without the properties: this
+            # runs for every running request every step.
+            num_tokens = (len(request.prompt_token_ids) + len(request.output_token_ids)
+                          - request.num_computed_tokens)
+            if num_tokens > budget:
+                num_tokens = budget
             item = self._try_schedule(request, num_tokens, plan)
             while item is None:
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt_by_recompute(victim)
                 preempted.append(victim)
                 if victim is request:

@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..request import HIGH_PRIORITY, RequestStatus
 from .base import Scheduler
+
+_WAITING = RequestStatus.WAITING  # an Enum class attribute read is slow
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,14 @@ class InstanceLoad:
         """Migration freeness without the high-priority headroom."""
         return self._migration_freeness(self.physical_available_blocks)
 
-    @property
+    # Cached (a report never changes): the dispatcher reads every instance's for every
+    # request it dispatches.
+    @cached_property
     def dispatch_freeness(self) -> float:
         """Freeness for dispatching new (normal-priority) requests."""
         return self._dispatch_freeness(self.available_blocks)
 
-    @property
+    @cached_property
     def high_priority_dispatch_freeness(self) -> float:
         """Freeness for dispatching a high-priority request: without the headroom."""
         return self._dispatch_freeness(self.physical_available_blocks)
@@ -127,30 +132,32 @@ class InstanceLoad:
 
 def instance_load(scheduler: Scheduler, priority_headroom_blocks: int = 0) -> InstanceLoad:
     bm = scheduler.block_manager
-    num_running = num_waiting = head_of_line = waiting_blocks = 0
-    num_high_running = num_high_waiting = 0
-    for request in scheduler.requests.values():
-        high = request.priority == HIGH_PRIORITY
-        if request.status is RequestStatus.WAITING:
+    num_waiting = scheduler.num_waiting
+    head_of_line = waiting_blocks = num_high_waiting = 0
+    # Waiting requests have never run, so they are mostly the newest ones, at the end of
+    # the arrival-ordered table: it is read backwards until all of them are seen (this
+    # runs for every instance at every polling tick).
+    num_seen = 0
+    requests = reversed(scheduler.requests.values()) if num_waiting else ()
+    for request in requests:
+        if request.status is _WAITING:
             needed = bm.blocks_for_tokens(request.num_prompt_tokens + 1, request.hidden)
-            if not num_waiting:
-                head_of_line = needed
-            num_waiting += 1
+            head_of_line = needed  # the last one seen is the first in arrival order
             waiting_blocks += needed
-            num_high_waiting += high
-        else:
-            num_running += 1
-            num_high_running += high
+            num_high_waiting += request.priority == HIGH_PRIORITY
+            num_seen += 1
+            if num_seen == num_waiting:
+                break
     return InstanceLoad(
         num_blocks=bm.num_blocks,
         # Blocks a swap-out vacated are free from the next step on.
         num_used_blocks=bm.num_used_blocks - bm.num_pending_blocks + bm.num_used_host_blocks,
-        num_running=num_running,
+        num_running=len(scheduler.requests) - num_waiting,
         num_waiting=num_waiting,
         head_of_line_blocks=head_of_line,
         waiting_blocks=waiting_blocks,
         num_memory_preempted=scheduler.num_memory_preempted,
-        num_high_running=num_high_running,
+        num_high_running=scheduler.num_high_priority - num_high_waiting,
         num_high_waiting=num_high_waiting,
         priority_headroom_blocks=priority_headroom_blocks,
     )

@@ -203,7 +203,7 @@ class SkipJoinMLFQScheduler(Scheduler):
                 break
             item = self._try_select(job, min(job.request.num_uncomputed_tokens, budget), plan)
             if item is not None:
-                budget -= item.num_tokens
+                budget -= len(item.token_ids)
                 num_selected += 1
             elif not bm.has_blocks(job.request.request_id):
                 blocked = True
@@ -342,13 +342,15 @@ class SkipJoinMLFQScheduler(Scheduler):
         it finishes, so promotion cannot turn a backlog into round robin.
         """
         last_level = len(self.quanta_s) - 1
+        jobs = self._jobs
         for item in output.scheduled:
-            job = self._jobs.get(item.request_id)
+            job = jobs.get(item.request_id)
             if job is None:
                 continue
-            if item.context_len <= job.num_tokens_high_water:
+            context_len = item.start_position + len(item.token_ids)  # item.context_len
+            if context_len <= job.num_tokens_high_water:
                 continue  # recomputation of lost work
-            job.num_tokens_high_water = item.context_len
+            job.num_tokens_high_water = context_len
             job.attained_s += step_time_s
             if (job.attained_s <= self.quanta_s[job.level] or job.level == last_level
                     or job.promoted):

@@ -107,16 +107,18 @@ class BatchShape(NamedTuple):
 def batch_shape(output: SchedulerOutput) -> BatchShape:
     """The shape of one planned iteration (what its time depends on)."""
     prefill = decode = decode_ctx = prefill_attn = sampled = 0
-    for item in output.scheduled:
-        n = len(item.token_ids)
-        context = item.start_position + n
-        if n == 1 and item.start_position > 0:
+    # Unpacked rather than read by name: the simulator runs this over every scheduled
+    # request of every step.
+    for _, token_ids, start_position, _, sample, _ in output.scheduled:
+        n = len(token_ids)
+        context = start_position + n
+        if n == 1 and start_position > 0:
             decode += 1
             decode_ctx += context
         else:
             prefill += n
             prefill_attn += n * context
-        sampled += item.sample
+        sampled += sample
     return BatchShape(prefill, decode, decode_ctx, prefill_attn, sampled)
 
 
