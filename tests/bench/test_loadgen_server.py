@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from preemptserve.bench.workload import RequestSpec, Workload
 from preemptserve.engine.iteration_stats import read_log_when_idle
 
 pytestmark = pytest.mark.e2e
+
+
+def generated_tokens(metrics_url: str) -> float:
+    metrics = scrape_metrics(metrics_url)
+    return sum(v for k, v in metrics.items() if k.startswith("preemptserve_generated_tokens_total"))
 
 
 def test_open_loop_requests_leave_on_time_with_exact_lengths(tmp_path: Path) -> None:
@@ -34,12 +40,13 @@ def test_open_loop_requests_leave_on_time_with_exact_lengths(tmp_path: Path) -> 
     params = {**served_parameters(), "scheduler_policy": "fcfs", "iteration_stats_path": str(log)}
     with policy_server(params, tmp_path, "fcfs") as server:
         timelines, facts = run_open_loop(server.grpc_url, workload, prompts, progress=False)
-        metrics = scrape_metrics(server.metrics_url)
-    # the server generated exactly the forced lengths (run_open_loop checks the stream too)
-    assert (
-        sum(v for k, v in metrics.items() if k.startswith("preemptserve_generated_tokens_total"))
-        >= 60 + 5 + 3 + 1 + 9
-    )
+        # The engine publishes its counters when it goes idle, a moment after the last
+        # response left: poll until they show every generated token.
+        deadline = time.monotonic() + 10
+        while generated_tokens(server.metrics_url) < 78 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # the server generated exactly the forced lengths (run_open_loop checks the stream too)
+        assert generated_tokens(server.metrics_url) >= 60 + 5 + 3 + 1 + 9
     assert [t.output_tokens for t in timelines] == [60, 5, 3, 1, 9]
     for t, spec in zip(timelines, specs, strict=True):
         assert spec.arrival_time_s <= t.arrival_s < spec.arrival_time_s + 0.1  # open loop
