@@ -62,12 +62,17 @@ REGIMES = {
 }
 SETUPS: dict[str, dict[str, str]] = {
     "round_robin": {"dispatch_policy": "round_robin", "enable_migration": "false"},
-    "infaas++": {"dispatch_policy": "load", "enable_migration": "false"},
-    "llumnix": {"dispatch_policy": "load", "enable_migration": "true"},
+    # The paper's setups: Llumnix's dispatch freeness, in overload too.
+    "infaas++": {"dispatch_policy": "load_llumnix", "enable_migration": "false"},
+    "llumnix": {"dispatch_policy": "load_llumnix", "enable_migration": "true"},
     # Beyond the paper's setups: the first waiting request moves first (no cache to copy),
     # else the shortest running one.
-    "llumnix-fcw": {"dispatch_policy": "load", "enable_migration": "true",
+    "llumnix-fcw": {"dispatch_policy": "load_llumnix", "enable_migration": "true",
                     "migration_request_policy": "FCWSR"},
+    # What the server ships: the freeness while an instance's queue fits in its free
+    # blocks, the block deficit past that (core/global_scheduler.py).
+    "load": {"dispatch_policy": "load", "enable_migration": "false"},
+    "load+migration": {"dispatch_policy": "load", "enable_migration": "true"},
 }
 SCALING_BANDS = ((10.0, 60.0), (5.0, 30.0), (20.0, 120.0))  # (up below, down above)
 PRIORITY_KEEP_BLOCKS = 100  # Llumnix's artifact: the instance behaves as if it had 100
@@ -128,12 +133,13 @@ def run_task(task: Task) -> dict[str, Any]:
 
 
 def herding(capacity: float, loads: Sequence[float], num_requests: int, seed: int) -> None:
-    """Freeness dispatch between two load reports (a10, CV 1): how often every request
-    dispatched in one 50 ms tick went to one instance, and how many requests went to an
-    instance whose dispatch freeness was negative."""
-    for load in loads:
-        seen = _dispatches(Task("herding", "a10", 1.0, load, load * capacity, "infaas++",
-                                "fcfs", cluster_params("a10", SETUPS["infaas++"]),
+    """Freeness dispatch between two load reports (a10, CV 1), Llumnix's rule
+    (``infaas++``) and the shipped one (``load``): how often every request dispatched in
+    one 50 ms tick went to one instance, and how many requests went to an instance whose
+    dispatch freeness was negative."""
+    for load, setup in ((x, s) for x in loads for s in ("infaas++", "load")):
+        seen = _dispatches(Task("herding", "a10", 1.0, load, load * capacity, setup,
+                                "fcfs", cluster_params("a10", SETUPS[setup]),
                                 num_requests, seed))
         ticks: dict[int, list[int]] = {}
         for tick, instance, _ in seen:
@@ -141,7 +147,7 @@ def herding(capacity: float, loads: Sequence[float], num_requests: int, seed: in
         several = [v for v in ticks.values() if len(v) > 1]
         one = sum(len(set(v)) == 1 for v in several)
         negative = sum(n for _, _, n in seen)
-        print(f"load {load:g}: {one} of {len(several)} ticks with several dispatches sent "
+        print(f"{setup}, load {load:g}: {one} of {len(several)} ticks with several dispatches sent "
               f"them all to one instance ({one / max(1, len(several)):.0%}); {negative} of "
               f"{len(seen)} requests went to an instance with negative freeness")
 
@@ -195,9 +201,9 @@ def build_tasks(args: argparse.Namespace, capacity: Mapping[str, float]) -> list
         for regime in args.regimes:
             for cv in (args.cvs if regime == "a10" else args.a100_cvs):
                 for load in (args.loads if regime == "a10" else args.a100_loads):
-                    for name, setup in SETUPS.items():
+                    for name in args.setups:
                         add("dispatch", regime, cv, load, name, "fcfs",
-                            cluster_params(regime, setup))
+                            cluster_params(regime, SETUPS[name]))
     if "local" in args.experiments:
         for cv in args.cvs:
             for load in args.loads:
@@ -377,6 +383,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--a100-loads", type=float, nargs="+", default=None,
                         help="loads of the a100 regime's dispatch cells (default --loads)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2, 1.5])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS),
+                        help="the dispatch experiment's setups (round_robin and infaas++ "
+                        "are the tables' references: keep them)")
     parser.add_argument("--priority-loads", type=float, nargs="+", default=[0.8, 1.0])
     parser.add_argument("--priority-keep-blocks", type=int, default=PRIORITY_KEEP_BLOCKS,
                         help="the headroom leaves an instance holding a high-priority "

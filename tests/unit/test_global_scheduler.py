@@ -254,6 +254,12 @@ def test_a_growing_dispatcher_picks_only_alive_instances_not_draining(
                 assert takes[dispatcher.choose(op[1])]
 
 
+def dispatch_rank(report: InstanceLoad) -> float:
+    """``load``'s rank: the dispatch freeness while the queue fits, else the deficit."""
+    surplus = report.available_blocks - report.waiting_blocks
+    return report.dispatch_freeness if surplus >= 0 else float(surplus)
+
+
 @given(st.lists(loads(), min_size=1, max_size=8), st.integers(0, 30))
 def test_load_policy_picks_the_max_freeness_lowest_id_on_ties(
     reports: list[InstanceLoad], prompt_blocks: int
@@ -262,9 +268,54 @@ def test_load_policy_picks_the_max_freeness_lowest_id_on_ties(
     for i, report in enumerate(reports):
         dispatcher.update(i, report)
     chosen = dispatcher.choose(prompt_blocks)
-    best = max(r.dispatch_freeness for r in reports)
-    assert reports[chosen].dispatch_freeness == best
-    assert chosen == min(i for i, r in enumerate(reports) if r.dispatch_freeness == best)
+    best = max(dispatch_rank(r) for r in reports)
+    assert dispatch_rank(reports[chosen]) == best
+    assert chosen == min(i for i, r in enumerate(reports) if dispatch_rank(r) == best)
+    if best >= 0:  # some instance has room for its queue: Llumnix's choice exactly
+        llumnix = Dispatcher("load_llumnix", len(reports))
+        for i, report in enumerate(reports):
+            llumnix.update(i, report)
+        assert llumnix.choose(prompt_blocks) == chosen
+
+
+@given(loads(), st.lists(st.integers(0, 30), min_size=1, max_size=10))
+def test_a_dispatched_request_never_makes_its_instance_look_freer(
+    report: InstanceLoad, prompt_blocks: list[int]
+) -> None:
+    dispatcher = Dispatcher("load", 1)
+    dispatcher.update(0, report)
+    ranks = [dispatcher._load_key(0)[0]]
+    for blocks in prompt_blocks:
+        dispatcher.choose(blocks)
+        ranks.append(dispatcher._load_key(0)[0])
+    assert ranks == sorted(ranks)  # the key (minus the rank) never goes down
+
+
+def test_overloaded_instances_share_a_burst_by_their_deficits() -> None:
+    # Both short of blocks for their queues: F = (20 - 60) / 10 = -4 and (10 - 90) / 20
+    # = -4; deficits 40 and 80 blocks.
+    reports = [load(used=80, running=8, waiting=2, hol=30, waiting_blocks=60),
+               load(used=90, running=10, waiting=10, hol=9, waiting_blocks=90)]
+    dispatcher = Dispatcher("load", 2)
+    for i, report in enumerate(reports):
+        dispatcher.update(i, report)
+    chosen = [dispatcher.choose(10) for _ in range(8)]
+    # 0 takes requests until its deficit reaches 1's (4 of 10 blocks), then they alternate
+    assert chosen == [0, 0, 0, 0, 1, 0, 1, 0]
+
+
+def test_llumnix_freeness_sends_a_whole_tick_to_the_least_overloaded_instance() -> None:
+    # F = -1 and -3: instance 0's F falls towards -2 with each 2-block request but never
+    # to -3, so load_llumnix sends it the whole tick; load evens the deficits (10 and 30
+    # blocks) and then alternates.
+    reports = [load(used=90, running=9, waiting=1, hol=20, waiting_blocks=20),
+               load(used=90, running=5, waiting=5, hol=8, waiting_blocks=40)]
+    llumnix, ours = Dispatcher("load_llumnix", 2), Dispatcher("load", 2)
+    for dispatcher in (llumnix, ours):
+        for i, report in enumerate(reports):
+            dispatcher.update(i, report)
+    assert [llumnix.choose(2) for _ in range(20)] == [0] * 20
+    assert [ours.choose(2) for _ in range(20)] == [0] * 10 + [1, 0] * 5
 
 
 # --------------------------------------------------------------------- migration pairing

@@ -6,12 +6,15 @@ deterministic (no randomness: Llumnix's ``TOPK_RANDOM_DISPATCH = 1`` picks the t
 one), so the Ray runtime and the cluster simulator call the very same functions:
 
 * **Dispatch** (``Dispatcher``; llumnix.md 1.3): which instance takes a new request.
-  ``load`` is Llumnix's (and the paper's INFaaS++ baseline's) rule: the highest
-  dispatch freeness. ``balanced`` is our queue-blind baseline: the lowest share of KV
-  blocks in use (Llumnix's ``balanced`` counts requests dispatched so far instead).
-  ``round_robin`` cycles. Beyond Llumnix, a dispatched request counts on its instance
-  as one more waiting request until that instance's next report, so a burst that
-  arrives between two reports spreads instead of landing on one instance.
+  ``load`` is Llumnix's (and the paper's INFaaS++ baseline's) rule, the highest
+  dispatch freeness, as long as an instance has room for its queue; past that (F < 0)
+  it ranks by the block deficit instead (``Dispatcher``'s docstring says why).
+  ``load_llumnix`` keeps the freeness in overload too, as Llumnix does (it herds).
+  ``balanced`` is our queue-blind baseline: the lowest share of KV blocks in use
+  (Llumnix's ``balanced`` counts requests dispatched so far instead). ``round_robin``
+  cycles. Beyond Llumnix, a dispatched request counts on its instance as one more
+  waiting request until that instance's next report, so a burst that arrives between
+  two reports spreads instead of landing on one instance.
 * **Migration pairing** (``pair_migrations``; llumnix.md 1.4, policy ``defrag``): which
   overloaded instance moves a request to which freer one; ``drain_pairs`` for an
   instance being drained.
@@ -37,7 +40,7 @@ from .request import HIGH_PRIORITY, NORMAL_PRIORITY, check_priority
 from .scheduler.base import Scheduler
 from .scheduler.load import InstanceLoad
 
-DISPATCH_POLICIES = ("round_robin", "balanced", "load")
+DISPATCH_POLICIES = ("round_robin", "balanced", "load", "load_llumnix")
 REQUEST_POLICIES = ("SR", "LR", "LCR", "FCW", "FCWSR")
 WAITING_POLICIES = ("FCW", "FCWSR")  # request policies that move requests holding no cache
 MIGRATE_OUT_THRESHOLD = 3.0  # decode steps of memory per request (llumnix.md 1.7)
@@ -54,11 +57,19 @@ class Dispatcher:
     not reported yet counts as empty (infinitely free); among such instances the one
     sent the fewest requests since it last reported wins, then the lowest id.
 
-    Llumnix's dispatch freeness has a quirk: once ``sum(waiting blocks) > available``
-    (F < 0), one more waiting request with fewer blocks than ``-F`` raises F, so an
-    overloaded instance would draw a burst instead of shedding it. Here a request
-    dispatched to an instance never makes it look freer than its report said (the lower
-    of the two counts), and ties go to the instance sent fewer requests since.
+    Llumnix's dispatch freeness ``F = (available - waiting blocks) / requests`` breaks
+    down in overload: once the waiting requests need more blocks than are free (F < 0),
+    one more waiting request with fewer blocks than ``-F`` *raises* F, so an overloaded
+    instance draws a burst instead of shedding it. ``load`` therefore ranks an instance
+    past that point by its block deficit ``available - waiting blocks`` (below every
+    instance with F >= 0): each request dispatched to it lowers its rank by its own
+    blocks, so the requests of one polling tick spread over the least short instances
+    instead of herding onto one (the cluster simulator's 16-instance grid,
+    docs/cluster-policies.md: P99 TTFT in overload 1.1-1.8x better than
+    ``load_llumnix``'s, identical while no instance is short). ``load_llumnix`` keeps F
+    throughout, except that a dispatched request never makes an instance look freer
+    than its report (the lower of the two counts). Ties go to the instance sent fewer
+    requests since its report, then the lowest id.
 
     A draining instance (``set_draining``, or a report with ``draining``) takes no new
     request, as a dead one (Llumnix's terminating instance, F = -inf).
@@ -121,7 +132,7 @@ class Dispatcher:
         """The instance for a new request whose prompt needs ``prompt_blocks`` KV blocks.
 
         ``priority`` "high": by the freeness without the high-priority headroom (``load``
-        policy; the others ignore priorities). Raises ``NoInstanceError`` when no
+        policies; the others ignore priorities). Raises ``NoInstanceError`` when no
         instance is alive and not draining.
         """
         if prompt_blocks < 0:
@@ -139,8 +150,10 @@ class Dispatcher:
             self._next = (chosen + 1) % self.num_instances
         elif self.policy == "balanced":
             chosen = min(alive, key=self._balanced_key)
-        else:
+        elif self.policy == "load":
             chosen = min(alive, key=lambda i: self._load_key(i, high))
+        else:
+            chosen = min(alive, key=lambda i: self._llumnix_load_key(i, high))
         self._account(chosen, prompt_blocks, high)
         return chosen
 
@@ -158,6 +171,21 @@ class Dispatcher:
         return (share, load.num_running + load.num_waiting, instance)
 
     def _load_key(self, instance: int, high: bool = False) -> tuple[float, int, int]:
+        # The freeness while the instance has room for its queue; past that, the block
+        # deficit (negative): every request dispatched to it lowers it either way.
+        load = self._loads[instance]
+        if load is None:
+            return (-math.inf, self._num_dispatched[instance], instance)
+        available = load.physical_available_blocks if high else load.available_blocks
+        surplus = available - load.waiting_blocks
+        if surplus < 0:
+            rank = float(surplus)
+        else:
+            num_requests = load.num_running + load.num_waiting
+            rank = surplus / num_requests if num_requests else math.inf
+        return (-rank, self._num_dispatched[instance], instance)
+
+    def _llumnix_load_key(self, instance: int, high: bool = False) -> tuple[float, int, int]:
         load = self._loads[instance]
         if load is None:
             return (-math.inf, self._num_dispatched[instance], instance)
