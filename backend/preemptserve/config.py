@@ -234,7 +234,8 @@ class ServingConfig:
     # so that the model's ready endpoint says no. Needs --model-control-mode=explicit.
     unload_model_on_failure: bool = False
     # Append one JSON line per engine iteration to this file (batch shape, step time,
-    # queues); empty: off. ``bench profile --server`` fits the simulator to it.
+    # queues); empty: off. ``bench profile --server`` fits the simulator to it. With
+    # several instances each writes its own (``iters.jsonl`` -> ``iters-instance0.jsonl``).
     iteration_stats_path: str = ""
     # Overload protection (TensorRT-LLM's name): at most this many requests may wait, that
     # is be accepted and never scheduled yet (preempted requests do not count); a request

@@ -26,6 +26,7 @@ from test_serving import metric_values, post_json, sse_events, wait_until
 from preemptserve.bench.server import write_repository
 from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import SamplingParams
+from preemptserve.engine.iteration_stats import read_iteration_log
 from preemptserve.engine.llm_engine import LLMEngine
 from preemptserve.processes import descendants, is_alive, wait_gone
 from preemptserve.triton_server import TritonServer, TritonServerError
@@ -82,9 +83,11 @@ def cluster(repo: Path, log_file: Path, extra_args=()) -> TritonServer:
 def cluster_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     ray_dir = ray_temp_dir()
-    repo = write_repository(root, {**PARAMETERS, "ray_temp_dir": ray_dir})
+    repo = write_repository(root, {**PARAMETERS, "ray_temp_dir": ray_dir,
+                                   "iteration_stats_path": str(root / "iterations.jsonl")})
     try:
         with cluster(repo, root / "tritonserver.log") as server:
+            server.iteration_logs = [root / f"iterations-instance{i}.jsonl" for i in range(2)]
             yield server
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
@@ -132,6 +135,24 @@ def test_http_generate_stream_survives_migrations(cluster_server):
     assert status == 200, body
     assert "".join(event["text_output"] for event in sse_events(body)) == expected
     assert committed(cluster_server) > before
+
+
+def test_each_instance_logs_its_own_iterations(cluster_server):
+    def sampled() -> list[int]:
+        # (a log is flushed when its instance goes idle, also when a move emptied it)
+        return [sum(r.num_sampled_tokens for r in read_iteration_log(path))
+                if path.exists() else 0 for path in cluster_server.iteration_logs]
+
+    before = sampled()
+    assert stream_text(cluster_server, PROMPT, 60, min_length=60)
+    wait_until(lambda: sum(sampled()) - sum(before) == 60, 30,
+               "both instances' logs to hold the 60 tokens of the stream")
+    # the stream moved between the instances: both logged some of its steps
+    after = sampled()
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    for path in cluster_server.iteration_logs:
+        records = list(read_iteration_log(path))
+        assert [r.iteration for r in records] == list(range(len(records)))
 
 
 def test_cancel_during_migrations_frees_every_block(cluster_server):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import serving_config_from_parameters
+from ..engine.iteration_stats import instance_log_path
 from ..sim.cluster import ClusterSimConfig, ClusterSimulator
 from ..sim.cost_model import IterationCostModel, load_profile
 from ..sim.simulator import SimConfig, Simulator
@@ -376,18 +377,24 @@ def profile(args: argparse.Namespace) -> int:
         iteration_log.parent.mkdir(parents=True, exist_ok=True)
         iteration_log.unlink(missing_ok=True)
         args.param = [*args.param, f"iteration_stats_path={iteration_log}"]
-        block_size = serving_config_from_parameters(params).engine.cache.block_size
-        block_bytes = model.kv_bytes_per_token * block_size
+        served = serving_config_from_parameters(params)
+        block_bytes = model.kv_bytes_per_token * served.engine.cache.block_size
+        # Several instances (num_instances): each logs to its own file.
+        num_instances = served.cluster.num_instances
+        logs = [iteration_log] if num_instances == 1 else [
+            Path(instance_log_path(iteration_log, i)) for i in range(num_instances)]
+        for log in logs:
+            log.unlink(missing_ok=True)
 
         def body(policy: str, server: Any) -> None:
             nonlocal model
             model, source["serving"] = profile_serving(
-                model, server.grpc_url, prompts, params, iteration_log, block_bytes
+                model, server.grpc_url, prompts, params, logs, block_bytes
             )
 
         args.policies = ["fcfs"]
         _with_servers(args, body)
-        source["serving"]["iteration_log"] = str(iteration_log)
+        source["serving"]["iteration_logs"] = [str(log) for log in logs]
     finish_result(source)
     source["elapsed_s"] = time.time() - started
     path = save_profile(model, args.out, source)

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,16 +216,19 @@ def profile_serving(
     grpc_url: str,
     prompts: Any,
     parameters: Mapping[str, str],
-    iteration_log: Path,
+    iteration_logs: Sequence[Path],
     block_bytes: int,
 ) -> tuple[IterationCostModel, dict[str, Any]]:
-    """Measure what serving adds, against a running ``fcfs`` server that writes its
-    iterations to ``iteration_log`` (module docstring).
+    """Measure what serving adds, against a running ``fcfs`` server whose engine
+    instances write their iterations to ``iteration_logs`` (one per instance; module
+    docstring).
 
     1. Lone requests: client TTFT - modelled prefill = the request latency.
     2. The profiling workloads (``PROFILE_WORKLOADS``: their own seeds, never a workload
-       the model is judged on) through the server; the iteration coefficients, the spread
-       and its autocorrelation are fitted to the server's iterations.
+       the model is judged on) through the server, their rates times the number of
+       instances; the iteration coefficients, the spread and its autocorrelation are
+       fitted to the instances' iterations. With several instances on one machine the
+       fit is one instance's iteration while the others run beside it.
     """
     from .loadgen import run_open_loop
     from .workload import synthetic
@@ -240,16 +243,20 @@ def profile_serving(
 
     for _ in range(3):
         burst(16, 8)  # warm-up
-    skip = sum(1 for _ in read_iteration_log(iteration_log))
+    skip = [len(list(read_iteration_log(p))) if p.exists() else 0 for p in iteration_logs]
     lone_ttfts = [(n, burst(n, 2).ttft_s) for n in (16, 64, 256) for _ in range(3)]
     max_context = serving_config_from_parameters(parameters).engine.max_model_len or (
         model.max_model_len)
     workloads = []
     for kind, num_requests, rate, length_scale, seed in PROFILE_WORKLOADS:
-        workloads.append(synthetic(kind, num_requests, rate, seed=seed,
+        workloads.append(synthetic(kind, num_requests * len(iteration_logs),
+                                   rate * len(iteration_logs), seed=seed,
                                    length_scale=length_scale, max_context_tokens=max_context))
         run(workloads[-1])
-    records = read_log_when_idle(iteration_log)[skip:]
+    # One instance's log after another: a period never spans two logs (iteration_periods
+    # pairs consecutive iteration numbers only).
+    records = [r for p, n in zip(iteration_logs, skip, strict=True)
+               for r in read_log_when_idle(p)[n:]]
     fitted, facts = fit_served_iterations(model, records, block_bytes)
     residuals = [ttft - fitted.prefill_time_s(n) for n, ttft in lone_ttfts]
     request_latency_s = max(0.0, float(np.median(residuals)))
@@ -263,6 +270,7 @@ def profile_serving(
             for n in (16, 256)
         },
         "load_average_1m": os.getloadavg()[0],
+        "num_instances": len(iteration_logs),
     }
     logger.info("serving profile: %s", facts)
     return fitted, facts

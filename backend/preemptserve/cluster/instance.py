@@ -94,7 +94,9 @@ class Peer:
 class EngineInstance:
     def __init__(self, instance_id: int, config: EngineConfig, *,
                  torch_threads: int | None = None, reservation_timeout_s: float = 10.0,
-                 stats_period_s: float = 0.05) -> None:
+                 stats_period_s: float = 0.05, iteration_stats_path: str | None = None) -> None:
+        """``iteration_stats_path``: this instance's iteration log (one JSON line per
+        engine iteration, ``engine/iteration_stats.py``); None: none."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.instance_id = instance_id
@@ -106,7 +108,8 @@ class EngineInstance:
         self._reservation_timeout_s = reservation_timeout_s
         self._touched: dict[str, float] = {}  # reservation -> when its source last called
         self.loop = EngineLoop(self.engine, on_stats=self._on_stats,
-                               stats_period_s=stats_period_s)
+                               stats_period_s=stats_period_s,
+                               iteration_stats_path=iteration_stats_path)
         self.loop.start()
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._expire_reservations,

@@ -33,6 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..config import ClusterConfig, EngineConfig
+from ..engine.iteration_stats import instance_log_path
 from .instance import EngineInstance, InstanceReport, Peer
 from .migration import MigrationConfig
 
@@ -156,7 +157,10 @@ class RayCluster:
     are never reused. A private cluster is sized for ``max_instances`` with scaling on.
     """
 
-    def __init__(self, config: ClusterConfig, engine: EngineConfig, name: str = "llm") -> None:
+    def __init__(self, config: ClusterConfig, engine: EngineConfig, name: str = "llm",
+                 iteration_stats_path: str = "") -> None:
+        """``iteration_stats_path``: each instance logs its iterations to its own file,
+        ``instance_log_path(iteration_stats_path, i)``; "": no log."""
         import ray
 
         self._ray = ray
@@ -194,6 +198,7 @@ class RayCluster:
         self._actor = ray.remote(num_cpus=config.cpus_per_instance,
                                  concurrency_groups=_GROUPS, max_restarts=0)(RayInstance)
         self._engine = engine
+        self._iteration_stats_path = iteration_stats_path
         self._lock = threading.Lock()
         self.handles = [self._new_actor(i) for i in range(config.num_instances)]
         try:
@@ -209,7 +214,9 @@ class RayCluster:
         return self._actor.remote(instance, self._engine, torch_threads=config.cpus_per_instance,
                                   reservation_timeout_s=config.migration_timeout_s,
                                   migration_transport=config.migration_transport,
-                                  stats_period_s=config.polling_interval_ms / 1000)
+                                  stats_period_s=config.polling_interval_ms / 1000,
+                                  iteration_stats_path=instance_log_path(
+                                      self._iteration_stats_path, instance) or None)
 
     @property
     def num_instances(self) -> int:

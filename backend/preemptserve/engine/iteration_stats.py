@@ -110,6 +110,16 @@ class IterationLog:
             self._file = None
 
 
+def instance_log_path(path: str | Path, instance: int) -> str:
+    """The iteration log of engine instance ``instance`` of a cluster whose model sets
+    ``iteration_stats_path`` to ``path``: ``iters.jsonl`` -> ``iters-instance0.jsonl``
+    ("" stays "": no log)."""
+    if not str(path):
+        return ""
+    path = Path(path)
+    return str(path.with_name(f"{path.stem}-instance{instance}{path.suffix}"))
+
+
 def read_iteration_log(path: str | Path) -> Iterator[IterationStats]:
     """The records of an iteration-stats file, in order (fields it does not know are an
     error: the file belongs to another version)."""

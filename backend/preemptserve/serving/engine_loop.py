@@ -317,10 +317,11 @@ class EngineLoop:
                 self._deliver(outputs)
                 if self._iteration_log is not None and self.engine.last_iteration is not None:
                     self._iteration_log.write(self.engine.last_iteration)
-                    if not self.engine.has_unfinished_requests():
-                        self._iteration_log.flush()
             # Publish at most every stats period while busy, and once more on going idle.
             idle = not self.engine.has_unfinished_requests()
+            if idle and self._iteration_log is not None:
+                # Also when the last request left between steps (moved to another instance).
+                self._iteration_log.flush()
             due = idle or now - last_stats >= self._stats_period_s
             if self._on_stats and stats_dirty and due:
                 self._on_stats(self.engine.get_stats())

@@ -71,7 +71,8 @@ class TritonPythonModel:
         from preemptserve.engine.tokenizer import TextTokenizer
 
         config = self.config
-        self.cluster = RayCluster(config.cluster, config.engine, name=self.model_name)
+        self.cluster = RayCluster(config.cluster, config.engine, name=self.model_name,
+                                  iteration_stats_path=config.iteration_stats_path)
         tokenizer = TextTokenizer(resolve_model_dir(config.engine.model_dir))
         block_size = config.engine.cache.block_size
 
