@@ -30,8 +30,11 @@ from preemptserve.bench.commands import run_on_server
 from preemptserve.bench.metrics import summarize
 from preemptserve.bench.server import policy_server, served_parameters
 from preemptserve.bench.workload import Workload, synthetic
+from preemptserve.engine.iteration_stats import instance_log_path, read_iteration_log
 from preemptserve.sim.cluster import ClusterSimConfig, ClusterSimulator
 from preemptserve.sim.cost_model import load_profile
+from preemptserve.sim.fit import served_over_modelled
+from preemptserve.sim.simulator import SimConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETUPS = {
@@ -88,6 +91,20 @@ def predict(args, parameters: dict[str, str], workload: Workload) -> dict | None
     return {**summarize(result.timelines()), "cluster": result.cluster_summary()}
 
 
+def served_speed(args, parameters: dict[str, str], log: Path) -> float | None:
+    """The run's iterations against the profile (measured / modelled loop periods, both
+    instances; a diagnosis, never an input to the prediction)."""
+    try:
+        cost_model = load_profile(str(args.profile.resolve()))
+    except (OSError, ValueError):
+        return None
+    records = [r for i in range(int(parameters["num_instances"]))
+               if Path(instance_log_path(log, i)).exists()
+               for r in read_iteration_log(instance_log_path(log, i))]
+    block_bytes = SimConfig.from_parameters(parameters, cost_model).block_bytes
+    return served_over_modelled(cost_model, records, block_bytes)["total"]
+
+
 def main() -> int:
     args = parse_args()
     workload = synthetic(args.workload, args.num_requests, args.rate, args.cv, args.seed,
@@ -105,13 +122,15 @@ def main() -> int:
     try:
         for repeat in range(args.repeats):
             for name in args.setups:
-                parameters = {**base, **SETUPS[name],
-                              "ray_temp_dir": tempfile.mkdtemp(prefix="psray", dir="/tmp")}
                 label = f"{name}-{repeat}"
+                log = workdir / f"{label}-iterations.jsonl"
+                parameters = {**base, **SETUPS[name], "iteration_stats_path": str(log),
+                              "ray_temp_dir": tempfile.mkdtemp(prefix="psray", dir="/tmp")}
                 with policy_server(parameters, workdir, label, torch_threads=1) as server:
                     _, entry = run_on_server(args, server, workload, prompts, args.policy,
                                              None, label)
                 shutil.rmtree(parameters["ray_temp_dir"], ignore_errors=True)
+                entry["served_over_modelled"] = served_speed(args, parameters, log)
                 runs[name].append(entry)
                 print(f"{label}: done", file=sys.stderr)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +141,8 @@ def main() -> int:
 
     headers = ["setup", "P99 TTFT s (each run)", "mean TTFT s", "P99 JCT s (each run)",
                "mean JCT s", "migrations committed / aborted", "sim P99 TTFT s",
-               "sim P99 JCT s", "sim mean JCT s", "sim migrations"]
+               "sim P99 JCT s", "sim mean JCT s", "sim migrations", "mean JCT error",
+               "P99 JCT error", "served iteration time / model"]
     rows = []
     for name, entries in runs.items():
         summaries = [e["summary"] for e in entries]
@@ -134,16 +154,23 @@ def main() -> int:
                 elif key.startswith("migrations_total") and "aborted" in key:
                     aborted += value
         sim = predictions.get(name)
+        mean_jct = sum(s["jct_s"]["mean"] for s in summaries) / len(summaries)
+        p99_jct = sum(s["jct_s"]["p99"] for s in summaries) / len(summaries)
         rows.append([
             name, " / ".join(f"{s['ttft_s']['p99']:.2f}" for s in summaries),
             f"{sum(s['ttft_s']['mean'] for s in summaries) / len(summaries):.2f}",
             " / ".join(f"{s['jct_s']['p99']:.2f}" for s in summaries),
-            f"{sum(s['jct_s']['mean'] for s in summaries) / len(summaries):.2f}",
+            f"{mean_jct:.2f}",
             f"{done:.0f} / {aborted:.0f}",
             f"{sim['ttft_s']['p99']:.2f}" if sim else "-",
             f"{sim['jct_s']['p99']:.2f}" if sim else "-",
             f"{sim['jct_s']['mean']:.2f}" if sim else "-",
-            f"{sim['cluster']['migrations']['committed']}" if sim else "-"])
+            f"{sim['cluster']['migrations']['committed']}" if sim else "-",
+            # simulated minus measured (the mean over the repeats), relative to measured
+            f"{sim['jct_s']['mean'] / mean_jct - 1:+.1%}" if sim else "-",
+            f"{sim['jct_s']['p99'] / p99_jct - 1:+.1%}" if sim else "-",
+            " / ".join(f"{e['served_over_modelled']:.3f}" if e.get("served_over_modelled")
+                       else "-" for e in entries)])
     command = " ".join([Path(sys.executable).name, *sys.argv])
     print_table(f"2 instances, {args.policy} inside; {args.workload} x{args.num_requests} at "
                 f"{args.rate:g}/s, Gamma CV {args.cv:g}, length scale {args.length_scale:g}",

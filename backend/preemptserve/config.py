@@ -134,7 +134,7 @@ class ClusterConfig:
     # Where the private cluster keeps its sockets and logs ("": Ray's default).
     ray_temp_dir: str = ""
     cpus_per_instance: int = 1  # Ray CPUs each instance asks for, and its torch threads
-    dispatch_policy: str = "load"  # round_robin | balanced | load (freeness)
+    dispatch_policy: str = "load"  # round_robin | balanced | load | load_llumnix
     enable_migration: bool = True
     migrate_out_threshold: float = 3.0  # overloaded: fewer free decode steps than this
     migration_max_stages: int = 3
