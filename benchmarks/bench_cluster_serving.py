@@ -7,7 +7,12 @@ local policy in both instances, ``--repeats`` times, the setups taking turns; th
 gives P99 TTFT and P99 JCT of each repeat (and the means over all), the migrations the
 server counted, and the cluster simulator's prediction for the same setup
 (``sim/cluster.py`` on this machine's fitted cost model, moves costed as the object
-store's stages measured here).
+store's stages measured here), with its error on the mean and P99 JCT and the runs'
+iteration speed against the profile (a diagnosis, from each run's iteration logs).
+
+The profile should be one of two instances sharing this machine (each instance's
+iterations while the other runs; ``bench profile --server --param num_instances=2``,
+docs/simulator.md "Fidelity of the cluster simulator").
 
     .venv/bin/python benchmarks/bench_cluster_serving.py \
         --out benchmarks/results/cluster-serving-2026-11-30
@@ -63,8 +68,9 @@ def parse_args() -> argparse.Namespace:
                         help="KEY=VALUE config.pbtxt parameter for every setup")
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--profile", type=Path,
-                        default=RESULTS / "profile-cpu-served-2026-11-22.json",
-                        help="cost model of one instance, for the predictions")
+                        default=RESULTS / "profile-cpu-served-2x-2026-11-30.json",
+                        help="cost model of one instance beside another, for the predictions "
+                        "(bench profile --server --param num_instances=2 ...)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, required=True, help="path without extension")
