@@ -151,6 +151,20 @@ class BlockManager:
         self._tables[request_id] = table + tuple(new_blocks)
         return True
 
+    def grow(self, request_ids: list[str]) -> bool:
+        """One more block at the end of each of these requests' device tables, in this
+        order (what ``allocate`` does when a token starts a block); False, with nothing
+        changed, if too few are free."""
+        free = self._free
+        if len(request_ids) > len(free):
+            return False
+        tables, ref_counts = self._tables, self._ref_counts
+        for request_id in request_ids:
+            block_id = free.popleft()
+            ref_counts[block_id] = 1
+            tables[request_id] += (block_id,)
+        return True
+
     def free(self, request_id: str) -> int:
         """Release every block of ``request_id`` in both tiers; returns device blocks freed."""
         self._hidden.discard(request_id)

@@ -10,6 +10,8 @@ data. Events (``sim/events.py``; ties at one instant in this order):
 * ``ITERATION_END`` / ``STEP`` of each instance, as in ``Simulator``: an instance's
   engine loop drains its inbox (requests dispatched to it, and calls: one half of a
   migration stage) between two steps, in the order they came, then plans the next step.
+  Steps that decode the last plan's batch again, as the policy states, run without
+  planning and apply their results later, with the same events (``sim/repeat.py``).
 * ``STAGE_END``: a stage's copy is done; the destination's half (``stage_in``: reserve,
   and on the last stage adopt the request) then runs on the destination between two of
   its steps, and the next stage's source half on the source between two of its steps
@@ -89,7 +91,6 @@ from ..core.global_scheduler import (
     WAITING_POLICIES,
     Dispatcher,
     choose_request,
-    drain_pairs,
     migration_candidates,
     pair_migrations,
 )
@@ -103,15 +104,14 @@ from .cluster_moves import (
     migration_cost,
 )
 from .cluster_result import ClusterResult
+from .cluster_scaling import _DRAINING, _OFF, _UP, _Scaling
 from .cost_model import IterationCostModel
 from .events import EventKind, EventQueue
+from .repeat import RepeatedSteps
 from .simulator import SimConfig, SimInstance, _Tracked, new_request
 
 if TYPE_CHECKING:  # annotations only: importing it needs torch
     from ..engine.migration import StageOut
-
-# An instance's state (auto-scaling): off, starting (added, loading), up, draining.
-_OFF, _STARTING, _UP, _DRAINING = "off", "starting", "up", "draining"
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,9 @@ class ClusterSimConfig:
     # Auto-scaling: the time from adding an instance to its taking requests (loading the
     # model). Assumed: 20 s, a 7B checkpoint (13.5 GB) read at ~1 GB/s plus start-up.
     startup_s: float = 20.0
+    # Steps that decode the last plan's batch again run without planning, as the policy
+    # states (``sim/repeat.py``); the results are the same with it off (every step planned).
+    repeated_steps: bool = True
 
     @classmethod
     def from_parameters(
@@ -151,7 +154,7 @@ def instance_noise_seed(noise_seed: int, instance: int) -> int:
     return noise_seed if instance == 0 else (noise_seed << 16) ^ instance
 
 
-class ClusterSimulator:
+class ClusterSimulator(_Scaling):
     def __init__(
         self,
         config: ClusterSimConfig,
@@ -217,6 +220,10 @@ class ClusterSimulator:
         self._busy = [False] * n  # an iteration is in flight or a STEP is queued
         self._moving: set[int] = set()  # instances in a move (Llumnix's one at a time)
         self._preempted_s = [0.0] * n
+        # Each instance's run of repeated steps (None: it plans every step).
+        runs: list[RepeatedSteps | None] = [None] * n
+        self._runs, self._by_id = runs, by_id
+        repeat = cfg.repeated_steps
         remaining = len(specs)  # requests not finished nor rejected
         max_queue_size = cfg.instance.max_queue_size
         waiting_first = 0  # admitted to the frontend, no first token yet
@@ -233,7 +240,9 @@ class ClusterSimulator:
         while events:
             now, kind, payload = events.pop()
             self.now_s = now
-            if kind is STEP:
+            if kind is STEP and runs[payload] is not None and self._repeat(payload):
+                last_work_s = now  # the last plan again, one token further
+            elif kind is STEP:
                 last_work_s = now
                 i = payload
                 inst = instances[i]
@@ -242,6 +251,7 @@ class ClusterSimulator:
                     self._inboxes[i] = []
                     for item in inbox:
                         if item.__class__ is _Call:
+                            self._interrupt(item.args[0])
                             item.fn(*item.args)
                             continue
                         request = new_request(item, now, self.slo)
@@ -257,11 +267,26 @@ class ClusterSimulator:
                     output, duration_s = inst.plan()
                     self._preempted_s[i] += inst.scheduler.num_preempted * duration_s
                     events.push(now + duration_s, ITERATION_END, (i, output, duration_s))
+                    if repeat:
+                        runs[i] = RepeatedSteps.start(inst, output)
+            elif (kind is ITERATION_END and payload[1] is None
+                  and not runs[payload[0]].ends_output):  # type: ignore[union-attr]
+                last_work_s = now  # a repeated step: its results are applied at catch-up
+                runs[payload[0]].emitted_s.append(  # type: ignore[union-attr]
+                    now + response_latency_s)
+                events.push(now, STEP, payload[0])
             elif kind is ITERATION_END:
                 last_work_s = now
                 i, output, duration_s = payload
-                sampled, finished = instances[i].finish(output, duration_s)
                 emitted_s = now + response_latency_s
+                if output is None:  # a run's last repeated step: requests finish
+                    run = runs[i]
+                    assert run is not None
+                    finished, sampled = run.finish(emitted_s, by_id), {}  # tokens are in
+                    if not run.goes_on:
+                        runs[i] = None
+                else:
+                    sampled, finished = instances[i].finish(output, duration_s)
                 if max_queue_size:
                     for request_id in sampled:
                         times = by_id[request_id].token_times_s
@@ -318,12 +343,37 @@ class ClusterSimulator:
             raise RuntimeError(f"{len(by_id)} requests never finished")
         return result
 
-    # -- instances' inboxes --------------------------------------------------------------
+    # -- instances' inboxes and runs of repeated steps ----------------------------------
 
     def _queue(self, instance: int, item: Any) -> None:
         """Into the instance's inbox, drained between two of its steps."""
         self._inboxes[instance].append(item)
         self._wake(instance)
+
+    def _repeat(self, instance: int) -> bool:
+        """Plan the instance's next step as a repeat of its last (``sim/repeat.py``); False
+        if its run of repeated steps ends here (caught up): the step is planned."""
+        run = self._runs[instance]
+        assert run is not None
+        duration_s = None if self._inboxes[instance] else run.plan()
+        if duration_s is None:
+            run.catch_up(self._by_id)
+            self._runs[instance] = None
+            return False
+        self._preempted_s[instance] += (
+            self.instances[instance].scheduler.num_preempted * duration_s)
+        self._events.push(self.now_s + duration_s, EventKind.ITERATION_END,
+                          (instance, None, duration_s))
+        return True
+
+    def _interrupt(self, move: _Move) -> None:
+        """A move's call is about to read or change its two instances: their runs of
+        repeated steps catch up, and end at their next step."""
+        for i in (move.source, move.destination):
+            run = self._runs[i]
+            if run is not None:
+                run.catch_up(self._by_id)
+                run.interrupted = True
 
     def _wake(self, instance: int) -> None:
         if not self._busy[instance]:
@@ -363,54 +413,6 @@ class ClusterSimulator:
                 self._start(source, destination)
         if self.scaling is not None:
             self._scale(loads)
-
-    # -- auto-scaling --------------------------------------------------------------------
-
-    def _scale(self, loads: dict[int, InstanceLoad]) -> None:
-        """Drained instances: stop the empty ones, move a request out of the others;
-        then the scaling policy's decision on this tick's reports."""
-        assert self.scaling is not None
-        now, state = self.now_s, self._state
-        for i in list(loads):
-            if state[i] is not _DRAINING or i in self._moving:
-                continue
-            inst = self.instances[i]
-            if not inst.scheduler.has_unfinished() and not self._inboxes[i]:
-                self._stop(i)
-                del loads[i]
-                continue
-            if inst.scheduler.migration_candidates(include_waiting=True):
-                destination = drain_pairs(i, loads, self._moving)
-                if destination is not None:
-                    self._start(i, destination, drain=True)
-        starting = [i for i, s in enumerate(state) if s is _STARTING]
-        decision = self.scaling.decide(loads, now, num_starting=len(starting))
-        if decision.drain is not None:
-            state[decision.drain] = _DRAINING
-            self.dispatcher.set_draining(decision.drain, True)
-            self._result.scale_events.append((now, "drain", decision.drain))
-        for _ in range(decision.add):
-            i = state.index(_OFF)  # decide never exceeds max_instances
-            state[i] = _STARTING
-            self._on_since[i] = now
-            self._result.scale_events.append((now, "add", i))
-            self._events.push(now + self.config.startup_s, EventKind.INSTANCE_UP, i)
-
-    def _instance_up(self, instance: int) -> None:
-        self._state[instance] = _UP
-        self.dispatcher.update(instance, None)  # empty until its first report
-        self.dispatcher.set_alive(instance, True)
-        self._result.scale_events.append((self.now_s, "up", instance))
-
-    def _stop(self, instance: int) -> None:
-        since = self._on_since[instance]
-        assert since is not None
-        self._on_s[instance] += self.now_s - since
-        self._on_since[instance] = None
-        self._state[instance] = _OFF
-        self.dispatcher.set_alive(instance, False)
-        self.dispatcher.set_draining(instance, False)
-        self._result.scale_events.append((self.now_s, "stop", instance))
 
     # -- moves ---------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from ..core.cache_sizes import pool_sizes
 from ..core.request import Request, SamplingParams
 from ..core.scheduler import create_scheduler, policy_class
 from ..core.scheduler.output import SchedulerOutput, hidden_recompute_blocks
-from .cost_model import IterationCostModel, batch_shape
+from .cost_model import BatchShape, IterationCostModel, batch_shape
 from .events import EventKind, EventQueue
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class SimInstance:
         self.swap_s = 0.0
         self.num_hidden_tokens = 0
         self._empty_in_a_row = 0
+        self.num_repeated_steps = 0  # of num_iterations, run without planning (repeat.py)
 
     def plan(self) -> tuple[SchedulerOutput, float]:
         """``schedule()`` one iteration; returns it with its modelled duration."""
@@ -206,6 +207,21 @@ class SimInstance:
                 f"{_MAX_EMPTY_ITERATIONS} empty iterations in a row"
             )
         return output, duration_s
+
+    def repeated_step(self, shape: BatchShape) -> float:
+        """``plan``'s accounting for a step that repeats the last plan (``sim/repeat.py``:
+        all decodes, no swaps, no hidden-mode item): its duration, drawn as
+        ``iteration_time_s`` draws it."""
+        cost = self.cost_model
+        duration_s = cost.iteration_time_s(shape)
+        if cost.noise_trace or cost.noise_quantiles:
+            duration_s *= self._noise_factor()
+        self.num_iterations += 1
+        self.num_repeated_steps += 1
+        self.busy_s += duration_s
+        if self.config.check_invariants:
+            self.block_manager.check_invariants()
+        return duration_s
 
     def finish(self, output: SchedulerOutput,
                duration_s: float) -> tuple[dict[str, int], list[Request]]:

@@ -35,6 +35,7 @@ from ..cost_model import CostModel
 from ..request import CacheMode, Request, RequestStatus
 from .output import BlockSwap, ScheduledRequest, SchedulerOutput
 from .parameters import PolicyOptions
+from .repeated import RepeatedPlans
 from .service import OutputLengthHistory
 
 Clock = Callable[[], float]
@@ -59,7 +60,7 @@ class Plan:
     swap_in: list[BlockSwap] = field(default_factory=list)
 
 
-class Scheduler(ABC):
+class Scheduler(RepeatedPlans, ABC):
     """Decides, each iteration, which requests run and how many tokens each feeds."""
 
     policy_name: ClassVar[str] = ""

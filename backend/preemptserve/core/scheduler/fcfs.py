@@ -19,6 +19,7 @@ from collections import deque
 
 from ..request import Request
 from .base import Plan, PolicyState, Scheduler
+from .output import SchedulerOutput
 from .registry import register_policy
 
 
@@ -28,6 +29,10 @@ class FCFSScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # The last plan scheduled every running request and preempted none (then the next
+        # ones may decode the same batch), and whether it spent the token budget.
+        self._kept_batch = False
+        self._spent_budget = False
 
     def _enqueue(self, request: Request, state: PolicyState | None) -> None:
         if self.block_manager.has_blocks(request.request_id):
@@ -87,6 +92,7 @@ class FCFSScheduler(Scheduler):
             budget -= num_tokens
             index += 1
 
+        kept_batch = not preempted and index == len(running)
         plan.preempted.extend(r.request_id for r in preempted)
         # Earliest-admitted victim ends up first in line (of its priority).
         for victim in preempted:
@@ -111,6 +117,33 @@ class FCFSScheduler(Scheduler):
             self.waiting.popleft()
             self._run(request)
             budget -= num_tokens
+        self._kept_batch = kept_batch
+        self._spent_budget = budget <= 0
+
+    def repeated_batch(self, output: SchedulerOutput) -> list[Request] | None:
+        """The next plans decode this plan's batch, one token per request, when it scheduled
+        every running request, each to the end of its tokens (a decode, or a prefill's
+        last chunk), and preempted and swapped nothing, and admission stopped for a reason
+        that lasts while nothing arrives or finishes: no request waits, the batch is full,
+        the first waiting request's blocks are not free (free blocks only shrink while the
+        batch grows, and it would need more of them with the budget of a step of decodes),
+        or the budget is spent by decodes alone."""
+        if not self._kept_batch or output.swap_out or output.swap_in:
+            return None
+        spent = self._spent_budget
+        running = self.running
+        if len(running) != len(output.scheduled):
+            return None
+        for item, request in zip(output.scheduled, running, strict=True):
+            if (not item.sample or item.hidden or item.request_id != request.request_id
+                    or (spent and len(item.token_ids) != 1)):
+                return None
+        return list(running)
+
+    def repeats_after_finish(self) -> bool:
+        """With no request waiting nothing is admitted into the room the finished ones
+        left: the rest of the batch decodes on."""
+        return not self.waiting
 
     def _swap_in_to_admit(self, request: Request, num_tokens: int, plan: Plan) -> bool:
         """A request whose cache is on the host tier (it arrived from another engine that
