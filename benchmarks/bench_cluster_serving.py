@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench_common import machine_info, print_table
@@ -37,7 +38,7 @@ from preemptserve.bench.server import policy_server, served_parameters
 from preemptserve.bench.workload import Workload, synthetic
 from preemptserve.engine.iteration_stats import instance_log_path, read_iteration_log
 from preemptserve.sim.cluster import ClusterSimConfig, ClusterSimulator
-from preemptserve.sim.cost_model import load_profile
+from preemptserve.sim.cost_model import COEFFICIENTS, load_profile
 from preemptserve.sim.fit import served_over_modelled
 from preemptserve.sim.simulator import SimConfig
 
@@ -72,9 +73,18 @@ def parse_args() -> argparse.Namespace:
                         help="cost model of one instance beside another, for the predictions "
                         "(bench profile --server --param num_instances=2 ...)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sim-seeds", type=int, default=5,
+                        help="noise seeds the predicted mean and P99 JCT are averaged over")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--out", type=Path, required=True, help="path without extension")
+    parser.add_argument("--out", type=Path, help="path without extension (required unless "
+                        "--at-served-speed)")
+    parser.add_argument("--at-served-speed", type=Path, default=None, metavar="PATH.json",
+                        help="a diagnosis of a saved run, never the prediction: each setup "
+                        "simulated again at the speed its runs' iterations had (measured / "
+                        "modelled), against what they measured; then exit")
     args = parser.parse_args()
+    if args.out is None and args.at_served_speed is None:
+        parser.error("--out is required")
     args.no_progress = True
     return args
 
@@ -86,15 +96,27 @@ def prompts_for(workload: Workload) -> list[str]:
 
 
 def predict(args, parameters: dict[str, str], workload: Workload) -> dict | None:
-    """The cluster simulator's summary of one setup (None without a cost model)."""
+    """The cluster simulator's summary of one setup (None without a cost model): noise
+    seed 0's, with the mean and P99 JCT averaged over ``--sim-seeds`` noise seeds."""
     try:
         cost_model = load_profile(str(args.profile.resolve()))
     except (OSError, ValueError) as exc:
         print(f"no prediction: {exc}", file=sys.stderr)
         return None
+    return simulate(parameters, cost_model, workload, args.sim_seeds)
+
+
+def simulate(parameters: dict[str, str], cost_model, workload: Workload,
+             seeds: int) -> dict:
     config = ClusterSimConfig.from_parameters(parameters, cost_model, "object_store")
-    result = ClusterSimulator(config, cost_model, workload, None).run()
-    return {**summarize(result.timelines()), "cluster": result.cluster_summary()}
+    runs = []
+    for seed in range(seeds):
+        seeded = replace(config, instance=replace(config.instance, noise_seed=seed))
+        result = ClusterSimulator(seeded, cost_model, workload, None).run()
+        runs.append({**summarize(result.timelines()), "cluster": result.cluster_summary()})
+    return {**runs[0], "seeds": seeds,
+            "jct_mean_over_seeds": sum(r["jct_s"]["mean"] for r in runs) / seeds,
+            "jct_p99_over_seeds": sum(r["jct_s"]["p99"] for r in runs) / seeds}
 
 
 def served_speed(args, parameters: dict[str, str], log: Path) -> float | None:
@@ -111,8 +133,50 @@ def served_speed(args, parameters: dict[str, str], log: Path) -> float | None:
     return served_over_modelled(cost_model, records, block_bytes)["total"]
 
 
+def at_served_speed(args) -> None:
+    """Each setup of a saved run simulated at its runs' mean iteration speed (the cost
+    model's coefficients times measured / modelled over the noise trace's mean): the error
+    left is the simulator's dynamics; the rest of the prediction's was the machine's
+    speed moving between the profile and the runs."""
+    saved = json.loads(args.at_served_speed.read_text())
+    meta = saved["workload"]
+    workload = synthetic(meta["name"], meta["num_requests"], meta["meta_rate_rps"],
+                         meta["meta_cv"], meta["meta_seed"], meta["meta_length_scale"],
+                         meta["meta_max_context_tokens"])
+    cost_model = load_profile(str(args.profile.resolve()))
+    trace = cost_model.noise_trace or cost_model.noise_quantiles or (1.0,)
+    rows = []
+    for name, entries in saved["runs"].items():
+        speeds = [e["served_over_modelled"] for e in entries if e.get("served_over_modelled")]
+        if not speeds:
+            continue
+        factor = sum(speeds) / len(speeds) / (sum(trace) / len(trace))
+        scaled = cost_model.with_coefficients(
+            **{c: getattr(cost_model, c) * factor for c in COEFFICIENTS})
+        parameters = {**saved["parameters"], **SETUPS[name]}
+        mean_jct = sum(e["summary"]["jct_s"]["mean"] for e in entries) / len(entries)
+        p99_jct = sum(e["summary"]["jct_s"]["p99"] for e in entries) / len(entries)
+        row = [name, f"{mean_jct:.2f}", f"{p99_jct:.2f}"]
+        for model in (cost_model, scaled):
+            sim = simulate(parameters, model, workload, args.sim_seeds)
+            row += [f"{sim['jct_mean_over_seeds']:.2f}",
+                    f"{sim['jct_mean_over_seeds'] / mean_jct - 1:+.1%}",
+                    f"{sim['jct_p99_over_seeds']:.2f}",
+                    f"{sim['jct_p99_over_seeds'] / p99_jct - 1:+.1%}"]
+        rows.append([*row[:3], f"{factor:.3f}", *row[3:]])
+    print_table(f"{args.at_served_speed.name}: the prediction ({args.sim_seeds} noise seeds) "
+                "and, as a diagnosis, the simulation at the runs' speed",
+                ["setup", "mean JCT s", "P99 JCT s", "runs' speed x profile",
+                 "sim mean JCT s", "error", "sim P99 JCT s", "error",
+                 "at runs' speed: mean JCT s", "error", "P99 JCT s", "error"], rows,
+                "markdown")
+
+
 def main() -> int:
     args = parse_args()
+    if args.at_served_speed is not None:
+        at_served_speed(args)
+        return 0
     workload = synthetic(args.workload, args.num_requests, args.rate, args.cv, args.seed,
                          args.length_scale, args.max_context)
     prompts = prompts_for(workload)
@@ -169,12 +233,12 @@ def main() -> int:
             f"{mean_jct:.2f}",
             f"{done:.0f} / {aborted:.0f}",
             f"{sim['ttft_s']['p99']:.2f}" if sim else "-",
-            f"{sim['jct_s']['p99']:.2f}" if sim else "-",
-            f"{sim['jct_s']['mean']:.2f}" if sim else "-",
+            f"{sim['jct_p99_over_seeds']:.2f}" if sim else "-",
+            f"{sim['jct_mean_over_seeds']:.2f}" if sim else "-",
             f"{sim['cluster']['migrations']['committed']}" if sim else "-",
             # simulated minus measured (the mean over the repeats), relative to measured
-            f"{sim['jct_s']['mean'] / mean_jct - 1:+.1%}" if sim else "-",
-            f"{sim['jct_s']['p99'] / p99_jct - 1:+.1%}" if sim else "-",
+            f"{sim['jct_mean_over_seeds'] / mean_jct - 1:+.1%}" if sim else "-",
+            f"{sim['jct_p99_over_seeds'] / p99_jct - 1:+.1%}" if sim else "-",
             " / ".join(f"{e['served_over_modelled']:.3f}" if e.get("served_over_modelled")
                        else "-" for e in entries)])
     command = " ".join([Path(sys.executable).name, *sys.argv])
