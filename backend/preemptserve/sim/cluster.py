@@ -268,7 +268,7 @@ class ClusterSimulator(_Scaling):
                     self._preempted_s[i] += inst.scheduler.num_preempted * duration_s
                     events.push(now + duration_s, ITERATION_END, (i, output, duration_s))
                     if repeat:
-                        runs[i] = RepeatedSteps.start(inst, output)
+                        runs[i] = RepeatedSteps(inst, output)
             elif (kind is ITERATION_END and payload[1] is None
                   and not runs[payload[0]].ends_output):  # type: ignore[union-attr]
                 last_work_s = now  # a repeated step: its results are applied at catch-up

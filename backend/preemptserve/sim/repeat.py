@@ -33,39 +33,40 @@ from .simulator import _TOKEN_ID, SimInstance, _Tracked
 
 class RepeatedSteps:
     """One instance's run of repeated steps, after the planned step (step 0) whose batch
-    it decodes."""
+    it decodes. Made with each plan; its first repeated step asks the policy (so no
+    work is spent on a run that ends before it starts)."""
 
-    __slots__ = ("instance", "requests", "request_ids", "growing", "ends", "last_step",
-                 "planned", "shape", "emitted_s", "applied", "interrupted")
+    __slots__ = ("instance", "output", "requests", "request_ids", "growing", "ends",
+                 "last_step", "planned", "shape", "emitted_s", "applied", "interrupted")
 
-    def __init__(self, instance: SimInstance, requests: list[Request], request_ids: list[str],
-                 growing: list[list[str]], ends: list[int], context: int) -> None:
+    def __init__(self, instance: SimInstance, output: SchedulerOutput) -> None:
         self.instance = instance
-        self.requests = requests
-        self.request_ids = request_ids
+        self.output: SchedulerOutput | None = output  # step 0's plan, until the run starts
+        self.requests: list[Request] = []
+        self.request_ids: list[str] = []
         # By the step (modulo the block size) whose token starts a new block of each.
-        self.growing = growing
-        self.ends = ends  # the step that ends each request's output
-        self.last_step = min(ends)
+        self.growing: list[list[str]] = []
+        self.ends: list[int] = []  # the step that ends each request's output
+        self.last_step = 0  # the first of those
         self.planned = 0  # steps planned so far
-        self.shape = (len(requests), context)  # decodes, the sum of their contexts
+        self.shape = (0, 0)  # decodes, the sum of their contexts
         self.emitted_s = array("d")  # when the tokens of each ended step were emitted
         self.applied = 0  # ended steps whose results the requests have
         self.interrupted = False
 
-    @classmethod
-    def start(cls, instance: SimInstance, output: SchedulerOutput) -> RepeatedSteps | None:
-        """A run decoding the batch of the step just planned, or None if the policy does
-        not state that its next plans do."""
+    def _start(self, output: SchedulerOutput) -> bool:
+        """Before step 1, step 0's results in: whether the policy states that its next
+        plans decode step 0's batch (then the run is set up)."""
+        self.output = None
+        instance = self.instance
         scheduler = instance.scheduler
         requests = scheduler.repeated_batch(output)
         if not requests:
-            return None
-        steps_before_finish = scheduler.steps_before_finish
+            return False
+        steps_to_finish = scheduler.steps_to_finish
         block_size = instance.block_manager.block_size
         growing: list[list[str]] = [[] for _ in range(block_size)]
-        request_ids = []
-        ends = []
+        request_ids, ends = [], []
         context = 0
         for item, request in zip(output.scheduled, requests, strict=True):
             request_id, token_ids, start_position, block_ids, _, _ = item
@@ -73,19 +74,25 @@ class RepeatedSteps:
             # Step s needs blocks for stop + s tokens: one more each block_size steps.
             first_growth = len(block_ids) * block_size - stop + 1
             if first_growth > block_size:
-                return None  # more blocks than its tokens need: not the usual growth
+                return False  # more blocks than its tokens need: not the usual growth
             growing[first_growth % block_size].append(request_id)
             request_ids.append(request_id)
             context += stop
-            ends.append(steps_before_finish(request, _TOKEN_ID) + 1)
-        if min(ends) < 1:
-            return None  # step 0 ends a request's output
-        return cls(instance, requests, request_ids, growing, ends, context)
+            ends.append(steps_to_finish(request, _TOKEN_ID))
+        self.requests, self.request_ids, self.growing, self.ends = (
+            requests, request_ids, growing, ends)
+        self.last_step = min(ends)
+        self.shape = (len(requests), context)
+        return self.last_step >= 1
 
     def plan(self) -> float | None:
         """Plan the next step as a repeat; its duration, or None if it must be planned
         (the run ends; nothing changed)."""
-        if self.interrupted or self.planned == self.last_step:
+        if self.interrupted:
+            return None
+        if self.output is not None and not self._start(self.output):
+            return None
+        if self.planned == self.last_step:
             return None
         instance = self.instance
         step = self.planned + 1

@@ -29,11 +29,11 @@ class RepeatedPlans:
                            stop_hit: bool) -> RequestStatus | None: ...
 
     def repeated_batch(self, output: SchedulerOutput) -> list[Request] | None:
-        """The policy's statement about the plan just made: the next plans schedule the same
-        requests in the same order, one token each (a decode: each sampled in this plan),
-        for as long as nothing arrives, leaves or finishes and the blocks the batch grows
-        into are free. Returns the batch's requests, or None (no statement: every step is
-        planned)."""
+        """The policy's statement about its last plan, ``output``, asked before the next
+        one: the next plans schedule the same requests in the same order, one token each
+        (a decode: each sampled in ``output``), for as long as nothing arrives, leaves or
+        finishes and the blocks the batch grows into are free. Returns the batch's
+        requests, or None (no statement: every step is planned)."""
         return None
 
     def repeats_after_finish(self) -> bool:
@@ -43,16 +43,16 @@ class RepeatedPlans:
         return False
 
     @staticmethod
-    def steps_before_finish(request: Request, token_id: int) -> int:
-        """How many steps after the one just planned (which samples the request's next
-        output token) go by before the one that finishes it, each sampling ``token_id``
-        with no stop word (``_finish_status``'s rule); -1: the planned one does."""
+    def steps_to_finish(request: Request, token_id: int) -> int:
+        """How many more steps, each sampling ``token_id`` with no stop word, the request
+        runs up to the one that finishes it, that one included (``_finish_status``'s
+        rule)."""
         sampling = request.sampling
-        n = len(request.output_token_ids)  # the planned step samples output token n
+        n = len(request.output_token_ids)  # the next step samples output token n
         last = sampling.max_tokens - 1  # the index of the token that finishes it
         if token_id == sampling.end_id:
             last = min(last, max(n, sampling.min_length))
-        return last - n - 1
+        return last - n + 1
 
     def plan_repeated(self, growing: list[str]) -> bool:
         """Plan the next step as a repeat of the last one (``repeated_batch`` said it is):
