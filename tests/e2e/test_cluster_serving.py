@@ -207,6 +207,27 @@ def test_dead_instance_fails_its_requests_others_serve_and_unload_leaves_nothing
     assert not is_alive(pids[1])
 
 
+def test_sigterm_to_the_server_group_stops_the_cluster_in_order(tmp_path):
+    """TritonServer.stop() signals the whole process group, the stub included, as Ctrl-C
+    or a process manager would. The stub ignores SIGTERM (tritonserver owns the
+    shutdown); Ray's driver handler, installed by ray.init, must not change that, or
+    ``finalize`` is cut short by SystemExit and the stub crashes in Ray's handler."""
+    ray_dir = ray_temp_dir()
+    log = tmp_path / "tritonserver.log"
+    repo = write_repository(tmp_path, {**PARAMETERS, "enable_migration": "false",
+                                       "ray_temp_dir": ray_dir})
+    try:
+        with cluster(repo, log) as server:
+            everything = descendants(server.pid)
+            assert stream_text(server, PROMPT, 4)
+        text = log.read_text()
+        assert "successfully unloaded 'llm'" in text
+        assert "SystemExit" not in text and "AbslFailureSignalHandler" not in text, text[-3000:]
+        assert wait_gone(everything, timeout_s=30) == set()
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
 def instances_by_state(server: TritonServer) -> dict[str, float]:
     samples = metric_values(server.metrics_url, "preemptserve_instances")
     return {re.search(r'state="(\w+)"', k).group(1): v for k, v in samples.items()}

@@ -25,11 +25,14 @@ the two instance processes (``cluster/gloo_transport.py``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..config import ClusterConfig, EngineConfig
@@ -59,6 +62,29 @@ def _on_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM handling across ``ray.init``, which makes SIGTERM exit
+    the driver. In Triton's Python backend stub SIGTERM is ignored (the stub's own
+    handler does nothing: tritonserver owns the shutdown and calls ``finalize``); with
+    Ray's handler a SIGTERM sent to the server's process group (Ctrl-C, a process
+    manager) raised ``SystemExit`` in the middle of ``finalize``, and the stub then
+    crashed in Ray's failure-signal handler instead of stopping its instances."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        # None: a handler installed outside Python (the stub's, which does nothing).
+        signal.signal(signal.SIGTERM, _ignore if previous is None else previous)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """SIGTERM does nothing here (as in the stub before Ray came)."""
 
 
 class InstanceDied(RuntimeError):
@@ -187,14 +213,15 @@ class RayCluster:
                 ray_constants.ENABLE_RAY_CLUSTER = False
             most = config.scaling_max_instances if config.enable_scaling \
                 else config.num_instances
-            if private:
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1,
-                                                       most * config.cpus_per_instance),
-                         include_dashboard=False, log_to_driver=False,
-                         _temp_dir=config.ray_temp_dir or None, namespace="preemptserve")
-            else:
-                ray.init(address=config.ray_address, log_to_driver=False,
-                         namespace="preemptserve")
+            with _sigterm_kept():
+                if private:
+                    ray.init(address="local", num_cpus=max(os.cpu_count() or 1,
+                                                           most * config.cpus_per_instance),
+                             include_dashboard=False, log_to_driver=False,
+                             _temp_dir=config.ray_temp_dir or None, namespace="preemptserve")
+                else:
+                    ray.init(address=config.ray_address, log_to_driver=False,
+                             namespace="preemptserve")
         self._actor = ray.remote(num_cpus=config.cpus_per_instance,
                                  concurrency_groups=_GROUPS, max_restarts=0)(RayInstance)
         self._engine = engine
