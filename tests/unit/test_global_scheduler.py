@@ -257,7 +257,8 @@ def test_a_growing_dispatcher_picks_only_alive_instances_not_draining(
 def dispatch_rank(report: InstanceLoad) -> float:
     """``load``'s rank: the dispatch freeness while the queue fits, else the deficit."""
     surplus = report.available_blocks - report.waiting_blocks
-    return report.dispatch_freeness if surplus >= 0 else float(surplus)
+    empty = not (report.num_running or report.num_waiting)
+    return report.dispatch_freeness if surplus >= 0 or empty else float(surplus)
 
 
 @given(st.lists(loads(), min_size=1, max_size=8), st.integers(0, 30))

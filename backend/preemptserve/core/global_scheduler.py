@@ -178,11 +178,13 @@ class Dispatcher:
             return (-math.inf, self._num_dispatched[instance], instance)
         available = load.physical_available_blocks if high else load.available_blocks
         surplus = available - load.waiting_blocks
-        if surplus < 0:
+        num_requests = load.num_running + load.num_waiting
+        if not num_requests:
+            rank = math.inf  # an instance with no request is infinitely free (Llumnix)
+        elif surplus < 0:
             rank = float(surplus)
         else:
-            num_requests = load.num_running + load.num_waiting
-            rank = surplus / num_requests if num_requests else math.inf
+            rank = surplus / num_requests
         return (-rank, self._num_dispatched[instance], instance)
 
     def _llumnix_load_key(self, instance: int, high: bool = False) -> tuple[float, int, int]:
