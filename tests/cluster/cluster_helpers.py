@@ -13,7 +13,7 @@ import torch
 from preemptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import SamplingParams
 from preemptserve.engine.kv_cache import bytes_per_block
-from preemptserve.engine.llm_engine import RequestOutput
+from preemptserve.engine.outputs import RequestOutput
 from preemptserve.model.args import LlamaArgs
 
 BLOCK_SIZE = 8

@@ -23,7 +23,7 @@ from preemptserve.cluster.ray_cluster import InstanceDied
 from preemptserve.config import ClusterConfig
 from preemptserve.core.request import SamplingParams
 from preemptserve.core.scheduler.load import InstanceLoad
-from preemptserve.engine.llm_engine import EngineStats, RequestOutput
+from preemptserve.engine.outputs import EngineStats, RequestOutput
 from preemptserve.serving.engine_loop import QueueFullError
 
 IDLE = {"device": 0, "host": 0, "requests": 0, "detached": 0}

@@ -32,7 +32,7 @@ from preemptserve.cluster.instance import EngineInstance
 from preemptserve.cluster.local import LocalInstances
 from preemptserve.cluster.ray_cluster import InstanceDied
 from preemptserve.core.request import SamplingParams
-from preemptserve.engine.llm_engine import EngineStats
+from preemptserve.engine.outputs import EngineStats
 
 ALIVE, STARTING, DRAINING, STOPPED, DEAD = (InstanceState.ALIVE, InstanceState.STARTING,
                                              InstanceState.DRAINING, InstanceState.STOPPED,

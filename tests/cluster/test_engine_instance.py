@@ -13,7 +13,7 @@ from cluster_helpers import GREEDY, PROMPT, SEEDED, engine_config, wait_until
 from preemptserve.cluster.instance import EngineInstance, Peer
 from preemptserve.cluster.migration import MigrationConfig, MigrationStatus
 from preemptserve.cluster.ray_cluster import InstanceDied
-from preemptserve.engine.llm_engine import RequestOutput
+from preemptserve.engine.outputs import RequestOutput
 
 RESERVATION_TIMEOUT_S = 1.0
 STAGED = MigrationConfig(max_stages=4, last_stage_max_blocks=2)

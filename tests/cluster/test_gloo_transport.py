@@ -29,7 +29,8 @@ import torch
 
 from preemptserve.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
 from preemptserve.core.request import SamplingParams
-from preemptserve.engine.llm_engine import LLMEngine, RequestOutput
+from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.engine.outputs import RequestOutput
 from preemptserve.model.default_model import ensure_default_model
 
 ray = pytest.importorskip("ray")

@@ -10,7 +10,8 @@ import pytest
 
 from preemptserve.config import CacheConfig, EngineConfig
 from preemptserve.core.request import SamplingParams
-from preemptserve.engine.llm_engine import LLMEngine, RequestOutput
+from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.engine.outputs import RequestOutput
 from preemptserve.serving.engine_loop import EngineLoop
 
 

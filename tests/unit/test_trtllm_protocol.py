@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preemptserve.engine.llm_engine import RequestOutput
+from preemptserve.engine.outputs import RequestOutput
 from preemptserve.engine.tokenizer import IncrementalDetokenizer
 from preemptserve.model.default_model import ensure_default_model
 from preemptserve.serving.protocol import InvalidRequest

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..core.global_scheduler import Dispatcher
     from ..core.scaling import ScalingPolicy
     from ..core.scheduler.load import InstanceLoad
-    from ..engine.llm_engine import EngineStats
+    from ..engine.outputs import EngineStats
     from .stats import ClusterStats
 
 logger = logging.getLogger(__name__)

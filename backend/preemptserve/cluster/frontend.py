@@ -56,7 +56,7 @@ from ..core.global_scheduler import (
 )
 from ..core.request import SamplingParams
 from ..core.scheduler.load import InstanceLoad
-from ..engine.llm_engine import EngineStats, RequestOutput
+from ..engine.outputs import EngineStats, RequestOutput
 from ..serving.engine_loop import OutputCallback, QueueFullError
 from ..serving.sender import ResponseSender
 from .autoscaling import LIVE_STATES, AutoScaling, InstanceState

@@ -37,8 +37,9 @@ from ..config import EngineConfig
 from ..core.global_scheduler import WAITING_POLICIES, choose_request, migration_candidates
 from ..core.request import SamplingParams
 from ..core.scheduler.load import InstanceLoad
-from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from ..engine.llm_engine import LLMEngine
 from ..engine.migration import RequestSnapshot, StageOut
+from ..engine.outputs import EngineStats, RequestOutput
 from ..serving.engine_loop import EngineLoop
 from .migration import MigrationConfig, MigrationResult, MigrationStatus, StagedMigration
 

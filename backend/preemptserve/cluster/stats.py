@@ -9,7 +9,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
-from ..engine.llm_engine import EngineStats
+from ..engine.outputs import EngineStats
 from .migration import MigrationResult, MigrationStatus, reason_kind
 
 # Downtime histogram buckets (seconds), for the metrics.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from .forks import PendingForks
 from .iteration_stats import IterationStats
 from .kv_cache import hidden_bytes_per_token, hidden_tokens_per_block, kv_bytes_per_token
 from .migration import RequestMigration
-from .outputs import RequestExtras, RequestMetrics
+from .outputs import EngineStats, RequestExtras, RequestOutput, request_metrics
 from .profiling import (
     load_profile_file,
     measure_hidden_recompute_cost,
@@ -50,55 +50,6 @@ from .tokenizer import IncrementalDetokenizer, TextTokenizer
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request: new text and ids, and whether it ended."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    # Only for requests that asked (``SamplingParams.return_*``, ``return_perf_metrics``):
-    # the log prob of each token of ``token_ids``, the prompt's logits [num_prompt_tokens,
-    # vocab] (with the first output), the raw logits of each token [len(token_ids),
-    # vocab], and the request's timings and blocks so far.
-    log_probs: list[float] | None = None
-    context_logits: torch.Tensor | None = None
-    generation_logits: torch.Tensor | None = None
-    metrics: RequestMetrics | None = None
-
-
-@dataclass
-class EngineStats:
-    num_waiting: int = 0
-    num_running: int = 0
-    num_preempted: int = 0
-    num_blocks_used: int = 0
-    num_blocks_total: int = 0
-    num_preemptions_total: int = 0
-    num_recomputations_total: int = 0
-    num_generated_tokens_total: int = 0
-    last_step_s: float = 0.0
-    num_host_blocks_used: int = 0
-    num_host_blocks_total: int = 0
-    num_swap_outs_total: int = 0
-    num_swap_ins_total: int = 0
-    swap_out_bytes_total: int = 0
-    swap_in_bytes_total: int = 0
-    swap_time_s_total: float = 0.0
-    # Cache modes: bytes one token costs in each (all layers), whether hidden mode is offered.
-    kv_bytes_per_token: int = 0
-    hidden_bytes_per_token: int = 0
-    hidden_mode_available: bool = False
-    num_hidden_tokens_total: int = 0  # tokens computed by requests in hidden mode
-    num_mixed_mode_steps_total: int = 0  # iterations whose batch held both modes
-    # Blocks sequences of one prompt got from another instead of allocating (``fork_of``).
-    num_shared_blocks_total: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -515,19 +466,6 @@ class LLMEngine(RequestMigration):
             for out in self.step():
                 texts[out.request_id] += out.text
         return [texts[i] for i in ids]
-
-
-def request_metrics(request: Request) -> RequestMetrics:
-    """The timings and block counts of a request with extras, as they stand."""
-    extras = request.extras
-    return RequestMetrics(
-        arrival_time_s=request.arrival_time_s,
-        first_scheduled_time_s=request.first_scheduled_time_s,
-        first_token_time_s=extras.first_token_time_s,
-        last_token_time_s=extras.last_token_time_s,
-        num_blocks_total=extras.num_blocks_total,
-        num_blocks_reused=extras.num_blocks_reused,
-    )
 
 
 def _ends_with_stop_ids(request: Request, token_id: int) -> bool:

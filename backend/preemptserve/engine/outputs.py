@@ -1,4 +1,6 @@
-"""What a request may ask for beyond its tokens: log probs, logits, timings, block counts.
+"""What the engine hands out: each step's ``RequestOutput`` per request, the engine's
+``EngineStats``, and what a request may ask for beyond its tokens (log probs, logits,
+timings, block counts).
 
 A request that asks for none of them carries no ``RequestExtras`` and costs nothing more.
 One that does gets one (``Request.extras``), filled on the engine thread as it runs: the
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.request import SamplingParams
+from ..core.request import Request, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,65 @@ class RequestExtras:
             return None
         self.context_logits_sent = True
         return self.context_logits
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new text and ids, and whether it ended."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    # Only for requests that asked (``SamplingParams.return_*``, ``return_perf_metrics``):
+    # the log prob of each token of ``token_ids``, the prompt's logits [num_prompt_tokens,
+    # vocab] (with the first output), the raw logits of each token [len(token_ids),
+    # vocab], and the request's timings and blocks so far.
+    log_probs: list[float] | None = None
+    context_logits: torch.Tensor | None = None
+    generation_logits: torch.Tensor | None = None
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int = 0
+    num_running: int = 0
+    num_preempted: int = 0
+    num_blocks_used: int = 0
+    num_blocks_total: int = 0
+    num_preemptions_total: int = 0
+    num_recomputations_total: int = 0
+    num_generated_tokens_total: int = 0
+    last_step_s: float = 0.0
+    num_host_blocks_used: int = 0
+    num_host_blocks_total: int = 0
+    num_swap_outs_total: int = 0
+    num_swap_ins_total: int = 0
+    swap_out_bytes_total: int = 0
+    swap_in_bytes_total: int = 0
+    swap_time_s_total: float = 0.0
+    # Cache modes: bytes one token costs in each (all layers), whether hidden mode is offered.
+    kv_bytes_per_token: int = 0
+    hidden_bytes_per_token: int = 0
+    hidden_mode_available: bool = False
+    num_hidden_tokens_total: int = 0  # tokens computed by requests in hidden mode
+    num_mixed_mode_steps_total: int = 0  # iterations whose batch held both modes
+    # Blocks sequences of one prompt got from another instead of allocating (``fork_of``).
+    num_shared_blocks_total: int = 0
+
+
+def request_metrics(request: Request) -> RequestMetrics:
+    """The timings and block counts of a request with extras, as they stand."""
+    extras = request.extras
+    return RequestMetrics(
+        arrival_time_s=request.arrival_time_s,
+        first_scheduled_time_s=request.first_scheduled_time_s,
+        first_token_time_s=extras.first_token_time_s,
+        last_token_time_s=extras.last_token_time_s,
+        num_blocks_total=extras.num_blocks_total,
+        num_blocks_reused=extras.num_blocks_reused,
+    )

@@ -49,7 +49,8 @@ from typing import Any
 from ..config import ServingConfig
 from ..core.request import SamplingParams
 from ..engine.iteration_stats import IterationLog
-from ..engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from ..engine.llm_engine import LLMEngine
+from ..engine.outputs import EngineStats, RequestOutput
 from .sender import ResponseSender
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..engine.llm_engine import RequestOutput
+from ..engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 

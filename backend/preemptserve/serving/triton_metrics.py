@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from ..engine.llm_engine import EngineStats
+from ..engine.outputs import EngineStats
 
 
 class EngineMetrics:

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.llm_engine import RequestOutput
-from ..engine.outputs import RequestMetrics
+from ..engine.outputs import RequestMetrics, RequestOutput
 from .trtllm_request import TokenItem
 
 # (arrays, error message, final): arrays None and error None with final: the FINAL flag

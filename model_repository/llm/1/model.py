@@ -17,7 +17,8 @@ import triton_python_backend_utils as pb_utils
 import preemptserve
 from preemptserve.cluster.stats import DOWNTIME_BUCKETS_S
 from preemptserve.config import serving_config_from_parameters
-from preemptserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from preemptserve.engine.llm_engine import LLMEngine
+from preemptserve.engine.outputs import EngineStats, RequestOutput
 from preemptserve.serving.engine_loop import EngineLoop, QueueFullError
 from preemptserve.serving.protocol import INPUT_NAMES, InvalidRequest, parse_generate_request
 from preemptserve.serving.triton_metrics import EngineMetrics as _Metrics
