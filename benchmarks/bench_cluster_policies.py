@@ -64,15 +64,20 @@ SETUPS: dict[str, dict[str, str]] = {
     "round_robin": {"dispatch_policy": "round_robin", "enable_migration": "false"},
     # The paper's setups: Llumnix's dispatch freeness, in overload too.
     "infaas++": {"dispatch_policy": "load_llumnix", "enable_migration": "false"},
-    "llumnix": {"dispatch_policy": "load_llumnix", "enable_migration": "true"},
+    "llumnix": {"dispatch_policy": "load_llumnix", "enable_migration": "true",
+                "migrate_into_waiting": "true"},
     # Beyond the paper's setups: the first waiting request moves first (no cache to copy),
     # else the shortest running one.
     "llumnix-fcw": {"dispatch_policy": "load_llumnix", "enable_migration": "true",
-                    "migration_request_policy": "FCWSR"},
+                    "migrate_into_waiting": "true", "migration_request_policy": "FCWSR"},
     # What the server ships: the freeness while an instance's queue fits in its free
-    # blocks, the block deficit past that (core/global_scheduler.py).
+    # blocks, the block deficit past that (core/global_scheduler.py); moves only into
+    # instances with no waiting request.
     "load": {"dispatch_policy": "load", "enable_migration": "false"},
     "load+migration": {"dispatch_policy": "load", "enable_migration": "true"},
+    # The shipped dispatch with Llumnix's pairing (moves into queued instances too).
+    "load+migration-into-waiting": {"dispatch_policy": "load", "enable_migration": "true",
+                                    "migrate_into_waiting": "true"},
 }
 SCALING_BANDS = ((10.0, 60.0), (5.0, 30.0), (20.0, 120.0))  # (up below, down above)
 PRIORITY_KEEP_BLOCKS = 100  # Llumnix's artifact: the instance behaves as if it had 100
@@ -281,17 +286,18 @@ def dispatch_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
             if reg != regime:
                 continue
             m, c = r["metrics"], r["cluster"]
-            rr = cells[(reg, cv, load, "round_robin", "fcfs")]["metrics"]
-            inf = cells[(reg, cv, load, "infaas++", "fcfs")]["metrics"]
+            # (the references, when the run has them)
+            rr = cells.get((reg, cv, load, "round_robin", "fcfs"), {}).get("metrics", {})
+            inf = cells.get((reg, cv, load, "infaas++", "fcfs"), {}).get("metrics", {})
             loss = c["preemption_loss"]["preempted_s_per_request"]
             rows.append([
                 f"cv {cv:g} x{load:g}", setup, _f(m["p99_ttft_s"]), _f(m["mean_jct_s"]),
                 _f(m["p99_jct_s"]), _f(m["p99_tbt_s"], 1e3, 0), _f(loss, 1, 3),
                 str(c["migrations"]["committed"]),
-                _ratio(rr["p99_ttft_s"], m["p99_ttft_s"]),
-                _ratio(inf["p99_ttft_s"], m["p99_ttft_s"]),
-                _ratio(rr["mean_jct_s"], m["mean_jct_s"]),
-                _ratio(rr["p99_jct_s"], m["p99_jct_s"])])
+                _ratio(rr.get("p99_ttft_s"), m["p99_ttft_s"]),
+                _ratio(inf.get("p99_ttft_s"), m["p99_ttft_s"]),
+                _ratio(rr.get("mean_jct_s"), m["mean_jct_s"]),
+                _ratio(rr.get("p99_jct_s"), m["p99_jct_s"])])
         print_table(f"dispatch, regime {regime} ({INSTANCES} instances, fcfs local)",
                     ["cell", "setup", "P99 TTFT s", "mean JCT s", "P99 JCT s", "P99 TBT ms",
                      "preempted s/req", "moves", "TTFT RR/x", "TTFT INFaaS++/x",
@@ -434,12 +440,12 @@ def main() -> int:
         "wall_s": time.perf_counter() - started,
         "runs": runs,
     }
-    report(result, args.format)
-    if args.out is not None:
+    if args.out is not None:  # before the tables: a run's results outlive a table's bug
         args.out.parent.mkdir(parents=True, exist_ok=True)
         path = args.out.with_suffix(".json")
         path.write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {path}", file=sys.stderr)
+    report(result, args.format)
     return 0
 
 

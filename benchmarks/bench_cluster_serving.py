@@ -46,12 +46,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETUPS = {
     "round_robin": {"dispatch_policy": "round_robin", "enable_migration": "false"},
     "freeness": {"dispatch_policy": "load", "enable_migration": "false"},
-    "freeness+migration": {"dispatch_policy": "load", "enable_migration": "true"},
+    "freeness+migration": {"dispatch_policy": "load", "enable_migration": "true",
+                           "migrate_into_waiting": "true"},
     # Llumnix's threshold (3 free decode steps per request) is in blocks; with this
     # model's short requests an instance rarely falls 3 below zero: 0 moves requests as
     # soon as the head of a queue cannot start.
     "freeness+migration@0": {"dispatch_policy": "load", "enable_migration": "true",
-                             "migrate_out_threshold": "0"},
+                             "migrate_into_waiting": "true", "migrate_out_threshold": "0"},
 }
 
 

@@ -137,6 +137,9 @@ class ClusterConfig:
     dispatch_policy: str = "load"  # round_robin | balanced | load | load_llumnix
     enable_migration: bool = True
     migrate_out_threshold: float = 3.0  # overloaded: fewer free decode steps than this
+    # Whether a move may go to an instance whose own queue is waiting (Llumnix: yes).
+    # Off: only to instances with no waiting request (``pair_migrations``).
+    migrate_into_waiting: bool = False
     migration_max_stages: int = 3
     migration_last_stage_max_blocks: int = 16
     migration_request_policy: str = "SR"  # SR | LR | LCR | FCW | FCWSR
@@ -294,6 +297,7 @@ _PARAMETERS = {
     "dispatch_policy": ("cluster", "dispatch_policy", str),
     "enable_migration": ("cluster", "enable_migration", _parse_bool),
     "migrate_out_threshold": ("cluster", "migrate_out_threshold", float),
+    "migrate_into_waiting": ("cluster", "migrate_into_waiting", _parse_bool),
     "migration_max_stages": ("cluster", "migration_max_stages", int),
     "migration_last_stage_max_blocks": ("cluster", "migration_last_stage_max_blocks", int),
     "migration_request_policy": ("cluster", "migration_request_policy", str),

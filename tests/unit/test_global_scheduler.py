@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -338,6 +339,21 @@ def test_pairs_the_most_loaded_source_with_the_freest_destination() -> None:
     assert pair_migrations(reports, busy={4}) == [(2, 3), (1, 5)]
     assert pair_migrations(reports, busy={2, 3}) == [(1, 4)]
     assert pair_migrations(reports, threshold=5.0) == [(2, 4)]
+
+
+def test_moves_go_into_a_queued_instance_only_when_asked() -> None:
+    # 0 is out of memory (a request preempted); 1 has room by freeness (F = -2 >= -3) but
+    # a request waiting; 2 has less room and no queue.
+    killed = dataclasses.replace(load(used=100, running=4, waiting=1, hol=20,
+                                      waiting_blocks=20), num_memory_preempted=1)  # F = -4
+    queued = load(used=96, running=2, waiting=1, hol=10, waiting_blocks=10)  # (4-10)/3
+    idle_queue = load(used=90, running=5)  # F = 2
+    reports = {0: killed, 1: queued, 2: idle_queue}
+    assert queued.migration_freeness == -2
+    assert pair_migrations(reports) == [(0, 2)]  # into_waiting: True, Llumnix's
+    assert pair_migrations({0: killed, 1: queued}) == [(0, 1)]
+    assert pair_migrations({0: killed, 1: queued}, into_waiting=False) == []
+    assert pair_migrations(reports, into_waiting=False) == [(0, 2)]
 
 
 def test_the_threshold_itself_is_not_overloaded() -> None:

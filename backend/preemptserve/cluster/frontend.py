@@ -423,7 +423,8 @@ class ClusterFrontend(AutoScaling):
         # Draining instances' loads say so: pair_migrations leaves them to _scale.
         waiting_moves = self.config.migration_request_policy in WAITING_POLICIES
         for source, destination in pair_migrations(loads, self.config.migrate_out_threshold,
-                                                   busy, waiting_moves):
+                                                   busy, waiting_moves,
+                                                   self.config.migrate_into_waiting):
             self._move_one(source, destination)
 
     def _move_one(self, source: int, destination: int, policy: str | None = None) -> None:

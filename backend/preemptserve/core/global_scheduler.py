@@ -225,6 +225,7 @@ def pair_migrations(
     threshold: float = MIGRATE_OUT_THRESHOLD,
     busy: Collection[int] = (),
     waiting_moves: bool = False,
+    into_waiting: bool = True,
 ) -> list[tuple[int, int]]:
     """(source, destination) pairs: each source moves one request to its destination.
 
@@ -240,7 +241,12 @@ def pair_migrations(
       (the headroom pushes normal requests away, never high-priority ones);
     * destinations: ``F >= -threshold``, no memory-driven preemption, and ``F``
       strictly greater than the source's (no ping-pong between equally loaded
-      instances); a source is never a destination;
+      instances); a source is never a destination. ``into_waiting=False`` (the
+      server's ``migrate_into_waiting`` off) also needs the destination's queue empty:
+      a moved request runs at once there, taking the blocks and the batch slot that
+      the destination's own first waiting request was waiting for, so in deep overload
+      every move trades a waiting request's first token for a running request's next
+      ones (Llumnix allows it: ``True``);
     * an instance in ``busy`` (a migration in or out in flight; Llumnix's
       ``MAX_MIGRATION_CONCURRENCY = 1``), absent from ``loads`` (dead or no report
       yet) or draining (``drain_pairs`` empties it) is neither;
@@ -268,7 +274,7 @@ def pair_migrations(
                     or load.num_running > load.num_high_running
                     or waiting > high_waiting):
                 sources.append((freeness, instance))
-        else:
+        elif into_waiting or not load.num_waiting:
             destinations.append((freeness, instance))
     sources.sort()
     destinations.sort(key=lambda d: (-d[0], d[1]))

@@ -409,7 +409,8 @@ class ClusterSimulator(_Scaling):
         if migrate:
             waiting_moves = cluster.migration_request_policy in WAITING_POLICIES
             for source, destination in pair_migrations(loads, cluster.migrate_out_threshold,
-                                                       self._moving, waiting_moves):
+                                                       self._moving, waiting_moves,
+                                                       cluster.migrate_into_waiting):
                 self._start(source, destination)
         if self.scaling is not None:
             self._scale(loads)
