@@ -33,12 +33,13 @@ from pathlib import Path
 from bench_common import machine_info, print_table
 
 from preemptserve.bench.commands import run_on_server
+from preemptserve.bench.fidelity import at_speed
 from preemptserve.bench.metrics import summarize
 from preemptserve.bench.server import policy_server, served_parameters
 from preemptserve.bench.workload import Workload, synthetic
 from preemptserve.engine.iteration_stats import instance_log_path, read_iteration_log
 from preemptserve.sim.cluster import ClusterSimConfig, ClusterSimulator
-from preemptserve.sim.cost_model import COEFFICIENTS, load_profile
+from preemptserve.sim.cost_model import load_profile
 from preemptserve.sim.fit import served_over_modelled
 from preemptserve.sim.simulator import SimConfig
 
@@ -145,15 +146,12 @@ def at_served_speed(args) -> None:
                          meta["meta_cv"], meta["meta_seed"], meta["meta_length_scale"],
                          meta["meta_max_context_tokens"])
     cost_model = load_profile(str(args.profile.resolve()))
-    trace = cost_model.noise_trace or cost_model.noise_quantiles or (1.0,)
     rows = []
     for name, entries in saved["runs"].items():
         speeds = [e["served_over_modelled"] for e in entries if e.get("served_over_modelled")]
         if not speeds:
             continue
-        factor = sum(speeds) / len(speeds) / (sum(trace) / len(trace))
-        scaled = cost_model.with_coefficients(
-            **{c: getattr(cost_model, c) * factor for c in COEFFICIENTS})
+        scaled, factor = at_speed(cost_model, sum(speeds) / len(speeds))
         parameters = {**saved["parameters"], **SETUPS[name]}
         mean_jct = sum(e["summary"]["jct_s"]["mean"] for e in entries) / len(entries)
         p99_jct = sum(e["summary"]["jct_s"]["p99"] for e in entries) / len(entries)

@@ -375,7 +375,6 @@ def profile(args: argparse.Namespace) -> int:
         prompts = PromptBuilder()
         iteration_log = args.out.with_name(args.out.stem + "-iterations.jsonl")
         iteration_log.parent.mkdir(parents=True, exist_ok=True)
-        iteration_log.unlink(missing_ok=True)
         args.param = [*args.param, f"iteration_stats_path={iteration_log}"]
         served = serving_config_from_parameters(params)
         block_bytes = model.kv_bytes_per_token * served.engine.cache.block_size

@@ -125,6 +125,17 @@ def fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_speed(cost_model: IterationCostModel,
+             served_over_modelled: float) -> tuple[IterationCostModel, float]:
+    """The cost model with its iteration times scaled to a measured speed (measured /
+    modelled periods, ``served_over_modelled``), and the factor: that speed over the
+    model's mean noise factor (the noise is replayed on top)."""
+    trace = cost_model.noise_trace or cost_model.noise_quantiles or (1.0,)
+    factor = served_over_modelled / float(np.mean(trace))
+    return cost_model.with_coefficients(
+        **{name: getattr(cost_model, name) * factor for name in COEFFICIENTS}), factor
+
+
 def at_served_speed(
     args: argparse.Namespace,
     workload: Workload,
@@ -141,10 +152,7 @@ def at_served_speed(
     drifting between the profile and the runs."""
     if not served_over_modelled_total:
         return None
-    trace = cost_model.noise_trace or cost_model.noise_quantiles or (1.0,)
-    factor = served_over_modelled_total / float(np.mean(trace))
-    scaled = cost_model.with_coefficients(
-        **{name: getattr(cost_model, name) * factor for name in COEFFICIENTS})
+    scaled, factor = at_speed(cost_model, served_over_modelled_total)
     simulated = [
         run_in_sim(args, workload, policy, scaled, slo, f"{policy} sim at served speed",
                    noise_seed=seed)[1]["summary"]
