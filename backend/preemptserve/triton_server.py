@@ -194,11 +194,28 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def metrics_enabled(self) -> bool:
+        """Whether the server serves its metrics page (unless ``extra_args`` turn it off)."""
+        return not any(arg in ("--allow-metrics=false", "--allow-metrics=0")
+                       for arg in self.extra_args)
+
     def is_ready(self) -> bool:
-        """Whether ``/v2/health/ready`` answers 200 (server up, every model loaded)."""
+        """Whether ``/v2/health/ready`` answers 200 (server up, every model loaded) and,
+        when metrics are on, the metrics page answers too.
+
+        Triton starts its metrics service a few milliseconds after the HTTP service, so a
+        client that reads metrics right after readiness would otherwise be refused.
+        """
+        urls = [f"{self.http_url}/v2/health/ready"]
+        if self.metrics_enabled:
+            urls.append(self.metrics_url)
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return bool(resp.status == 200)
+            for url in urls:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status != 200:
+                        return False
+            return True
         except (urllib.error.URLError, OSError):
             return False
 
