@@ -11,15 +11,20 @@ Experiments (``--experiments``, all by default):
   cluster's capacity, in two memory regimes: ``a10`` (7 GiB of KV per instance, what a
   24 GB A10 has left beside LLaMA-7B, Llumnix's setting) and ``a100`` (56 GiB: an 80 GB
   A100's). The compute is the A100 profile's in both.
-* ``local``: Llumnix over ``skip_join_mlfq`` and over ``apt`` against Llumnix over fcfs
-  (the ``dispatch`` rows), the same cells (``a10`` regime).
-* ``priority``: 10% of the requests high-priority; Llumnix with the high-priority
-  headroom (``priority_headroom_blocks`` = all blocks but 100, as Llumnix's artifact:
-  an instance holding a high-priority request behaves as if it had 100 blocks) vs
-  Llumnix without it ("Llumnix-base"), CV 2-8.
+* ``local``: the global setup (``--global-setup``, below) over ``skip_join_mlfq`` and
+  over ``apt`` against the same setup over fcfs (the ``dispatch`` rows), the same cells
+  (``a10`` regime).
+* ``priority``: 10% of the requests high-priority; the global setup with the
+  high-priority headroom (``priority_headroom_blocks`` = all blocks but 100, as
+  Llumnix's artifact: an instance holding a high-priority request behaves as if it had
+  100 blocks) vs without it ("<setup>-base"), CV 2-8.
 * ``scaling``: auto-scaling between 1 and 16 instances (the paper's [10, 60] freeness
-  band and two others) vs a fixed 16, Llumnix over fcfs, instance-seconds (cost) and
-  P99 TTFT.
+  band and two others) vs a fixed 16, the global setup over fcfs, instance-seconds
+  (cost) and P99 TTFT.
+
+The global setup of ``local``, ``priority`` and ``scaling`` is what the server ships
+(``load+migration``: the dispatch without herding, no moves into queued instances)
+unless ``--global-setup llumnix`` asks for Llumnix's own rules.
 
 Capacity (requests/s) is the matrix's definition (``bench/matrix.py``) for one instance
 (fcfs, every request arriving at 0, finished requests / makespan) times 16. One seed per
@@ -91,7 +96,7 @@ class Task:
     cv: float
     load: float
     rate_rps: float
-    setup: str  # a SETUPS key, or "llumnix-base" / "scaling[up,down]" / "fixed"
+    setup: str  # a SETUPS key, or "<setup>-base" / "scaling[up,down]" / "fixed"
     policy: str  # the local policy
     params: tuple[tuple[str, str], ...]
     num_requests: int
@@ -202,39 +207,40 @@ def build_tasks(args: argparse.Namespace, capacity: Mapping[str, float]) -> list
         tasks.append(Task(experiment, regime, cv, load, load * capacity[regime], setup,
                           policy, params, n, seed, **kw))
 
+    g = args.global_setup
     if "dispatch" in args.experiments or "local" in args.experiments:
         for regime in args.regimes:
             for cv in (args.cvs if regime == "a10" else args.a100_cvs):
                 for load in (args.loads if regime == "a10" else args.a100_loads):
-                    for name in args.setups:
+                    setups = list(args.setups)
+                    if "local" in args.experiments and regime == "a10" and g not in setups:
+                        setups.append(g)  # the local table's fcfs reference
+                    for name in setups:
                         add("dispatch", regime, cv, load, name, "fcfs",
                             cluster_params(regime, SETUPS[name]))
     if "local" in args.experiments:
         for cv in args.cvs:
             for load in args.loads:
                 for policy in ("skip_join_mlfq", "apt"):
-                    add("local", "a10", cv, load, "llumnix", policy,
-                        cluster_params("a10", SETUPS["llumnix"]))
+                    add("local", "a10", cv, load, g, policy, cluster_params("a10", SETUPS[g]))
     if "priority" in args.experiments:
         num_blocks = int(REGIMES["a10"]["kv_cache_bytes"]) // block_bytes()
         headroom = str(num_blocks - args.priority_keep_blocks)
-        with_headroom = ("llumnix" if args.priority_keep_blocks == PRIORITY_KEEP_BLOCKS
-                         else f"llumnix-keep{args.priority_keep_blocks}")
+        with_headroom = (g if args.priority_keep_blocks == PRIORITY_KEEP_BLOCKS
+                         else f"{g}-keep{args.priority_keep_blocks}")
         for cv in (2.0, 4.0, 8.0):
             for load in args.priority_loads:
-                for name, blocks in ((with_headroom, headroom), ("llumnix-base", "0")):
+                for name, blocks in ((with_headroom, headroom), (f"{g}-base", "0")):
                     add("priority", "a10", cv, load, name, "fcfs",
-                        cluster_params("a10", SETUPS["llumnix"],
-                                       priority_headroom_blocks=blocks),
+                        cluster_params("a10", SETUPS[g], priority_headroom_blocks=blocks),
                         high_share=0.1)
     if "scaling" in args.experiments:
         for cv in (1.0, 4.0):
             for load in args.scaling_loads:
-                add("scaling", "a10", cv, load, "fixed", "fcfs",
-                    cluster_params("a10", SETUPS["llumnix"]))
+                add("scaling", "a10", cv, load, "fixed", "fcfs", cluster_params("a10", SETUPS[g]))
                 for up, down in SCALING_BANDS:
                     add("scaling", "a10", cv, load, f"scaling[{up:g},{down:g}]", "fcfs",
-                        cluster_params("a10", SETUPS["llumnix"], enable_scaling="true",
+                        cluster_params("a10", SETUPS[g], enable_scaling="true",
                                        min_instances="1", max_instances=str(INSTANCES),
                                        scale_up_threshold=str(up),
                                        scale_down_threshold=str(down)),
@@ -304,7 +310,7 @@ def dispatch_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
                      "mean JCT RR/x", "P99 JCT RR/x"], rows, fmt)
 
 
-def local_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
+def local_tables(results: Sequence[dict[str, Any]], fmt: str, global_setup: str) -> None:
     base = _by(results, "dispatch")
     cells = _by(results, "local")
     rows = []
@@ -318,18 +324,19 @@ def local_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
                      _f(fm["p99_jct_s"]), _f(m["attainment"], 100, 1),
                      _f(fm["attainment"], 100, 1),
                      _ratio(fm["mean_jct_s"], m["mean_jct_s"])])
-    print_table("local policies under Llumnix (a10 regime): policy vs fcfs",
+    print_table(f"local policies under {global_setup} (a10 regime): policy vs fcfs",
                 ["cell", "policy", "P99 TTFT s", "fcfs", "mean JCT s", "fcfs", "P99 JCT s",
                  "fcfs", "SLO %", "fcfs", "mean JCT fcfs/x"], rows, fmt)
 
 
-def priority_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
+def priority_tables(results: Sequence[dict[str, Any]], fmt: str, global_setup: str) -> None:
     cells = _by(results, "priority")
     rows = []
     for (reg, cv, load, setup, policy), r in sorted(cells.items()):
-        if setup == "llumnix-base":
+        if setup.endswith("-base"):
             continue
-        b = cells[(reg, cv, load, "llumnix-base", policy)]
+        b = next(cells[k] for k in cells if k[:3] == (reg, cv, load) and k[4] == policy
+                 and k[3].endswith("-base"))
         for level in ("high", "normal"):
             m, bm = r[f"metrics_{level}"], b[f"metrics_{level}"]
             rows.append([f"cv {cv:g} x{load:g}", f"{setup}: {level}",
@@ -340,13 +347,14 @@ def priority_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
                          _ratio(bm["p99_ttft_s"], m["p99_ttft_s"]),
                          _f(m["mean_tbt_s"], 1e3, 1), _f(bm["mean_tbt_s"], 1e3, 1),
                          _ratio(bm["mean_tbt_s"], m["mean_tbt_s"])])
-    print_table("priorities, 10% high (a10 regime): Llumnix with headroom (llumnix: all "
-                "blocks but 100; llumnix-keepK: all but K) vs without (base)",
+    g = global_setup
+    print_table(f"priorities, 10% high (a10 regime): {g} with headroom ({g}: all "
+                f"blocks but 100; {g}-keepK: all but K) vs without (base)",
                 ["cell", "requests", "mean JCT s", "base", "base/x", "mean TTFT s", "base",
                  "base/x", "P99 TTFT base/x", "mean TBT ms", "base", "base/x"], rows, fmt)
 
 
-def scaling_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
+def scaling_tables(results: Sequence[dict[str, Any]], fmt: str, global_setup: str) -> None:
     cells = _by(results, "scaling")
     rows = []
     for (reg, cv, load, setup, policy), r in sorted(cells.items()):
@@ -359,22 +367,23 @@ def scaling_tables(results: Sequence[dict[str, Any]], fmt: str) -> None:
                      _f(s.get("mean_on"), 1, 1), f"{s.get('min_on', '-')}-{s.get('max_on', '-')}",
                      _f(m["p99_ttft_s"]), _f(fixed["metrics"]["p99_ttft_s"]),
                      _f(m["mean_jct_s"]), _f(fixed["metrics"]["mean_jct_s"])])
-    print_table("auto-scaling 1-16 vs fixed 16 (a10 regime, Llumnix over fcfs)",
+    print_table(f"auto-scaling 1-16 vs fixed 16 (a10 regime, {global_setup} over fcfs)",
                 ["cell", "setup", "instance-s", "saving %", "mean on", "range",
                  "P99 TTFT s", "fixed", "mean JCT s", "fixed"], rows, fmt)
 
 
 def report(result: Mapping[str, Any], fmt: str) -> None:
     runs = result["runs"]
+    setup = result.get("global_setup", "llumnix")  # (runs saved before the option)
     experiments = {r["task"]["experiment"] for r in runs}
     if "dispatch" in experiments:
         dispatch_tables(runs, fmt)
     if "local" in experiments:
-        local_tables(runs, fmt)
+        local_tables(runs, fmt, setup)
     if "priority" in experiments:
-        priority_tables(runs, fmt)
+        priority_tables(runs, fmt, setup)
     if "scaling" in experiments:
-        scaling_tables(runs, fmt)
+        scaling_tables(runs, fmt, setup)
 
 
 def parse_args() -> argparse.Namespace:
@@ -392,6 +401,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS),
                         help="the dispatch experiment's setups (round_robin and infaas++ "
                         "are the tables' references: keep them)")
+    parser.add_argument("--global-setup", default="load+migration",
+                        choices=[s for s in SETUPS if SETUPS[s]["enable_migration"] == "true"],
+                        help="the setup the local, priority and scaling experiments run "
+                        "(default: what the server ships; llumnix: Llumnix's own rules)")
     parser.add_argument("--priority-loads", type=float, nargs="+", default=[0.8, 1.0])
     parser.add_argument("--priority-keep-blocks", type=int, default=PRIORITY_KEEP_BLOCKS,
                         help="the headroom leaves an instance holding a high-priority "
@@ -435,8 +448,8 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "machine": machine_info(),
         "profile": PROFILE, "instances": INSTANCES, "engine": ENGINE, "regimes": REGIMES,
-        "capacity_rps": capacity, "slo": {"ttft_s": SLO_DEFAULT.ttft_s,
-                                          "tbt_s": SLO_DEFAULT.tbt_s},
+        "global_setup": args.global_setup, "capacity_rps": capacity,
+        "slo": {"ttft_s": SLO_DEFAULT.ttft_s, "tbt_s": SLO_DEFAULT.tbt_s},
         "wall_s": time.perf_counter() - started,
         "runs": runs,
     }
