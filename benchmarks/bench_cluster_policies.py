@@ -225,12 +225,11 @@ def build_tasks(args: argparse.Namespace, capacity: Mapping[str, float]) -> list
                     add("local", "a10", cv, load, g, policy, cluster_params("a10", SETUPS[g]))
     if "priority" in args.experiments:
         num_blocks = int(REGIMES["a10"]["kv_cache_bytes"]) // block_bytes()
-        headroom = str(num_blocks - args.priority_keep_blocks)
-        with_headroom = (g if args.priority_keep_blocks == PRIORITY_KEEP_BLOCKS
-                         else f"{g}-keep{args.priority_keep_blocks}")
+        variants = [(g if keep == PRIORITY_KEEP_BLOCKS else f"{g}-keep{keep}",
+                     str(num_blocks - keep)) for keep in args.priority_keep_blocks]
         for cv in (2.0, 4.0, 8.0):
             for load in args.priority_loads:
-                for name, blocks in ((with_headroom, headroom), (f"{g}-base", "0")):
+                for name, blocks in (*variants, (f"{g}-base", "0")):
                     add("priority", "a10", cv, load, name, "fcfs",
                         cluster_params("a10", SETUPS[g], priority_headroom_blocks=blocks),
                         high_share=0.1)
@@ -406,9 +405,11 @@ def parse_args() -> argparse.Namespace:
                         help="the setup the local, priority and scaling experiments run "
                         "(default: what the server ships; llumnix: Llumnix's own rules)")
     parser.add_argument("--priority-loads", type=float, nargs="+", default=[0.8, 1.0])
-    parser.add_argument("--priority-keep-blocks", type=int, default=PRIORITY_KEEP_BLOCKS,
+    parser.add_argument("--priority-keep-blocks", type=int, nargs="+",
+                        default=[PRIORITY_KEEP_BLOCKS],
                         help="the headroom leaves an instance holding a high-priority "
-                        "request this many blocks for normal ones (Llumnix's artifact: 100)")
+                        "request this many blocks for normal ones (Llumnix's artifact: 100); "
+                        "several values: one headroom setup each, beside one base")
     parser.add_argument("--scaling-loads", type=float, nargs="+", default=[0.3, 0.6])
     parser.add_argument("--startup-s", type=float, default=20.0,
                         help="an added instance's start-up (model load) time")
