@@ -24,12 +24,14 @@ import argparse
 import datetime as dt
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from bench_common import machine_info, print_table
 
 from preemptserve.bench.commands import run_on_server
@@ -40,7 +42,7 @@ from preemptserve.bench.workload import Workload, synthetic
 from preemptserve.engine.iteration_stats import instance_log_path, read_iteration_log
 from preemptserve.sim.cluster import ClusterSimConfig, ClusterSimulator
 from preemptserve.sim.cost_model import load_profile
-from preemptserve.sim.fit import served_over_modelled
+from preemptserve.sim.fit import co_running, served_over_modelled
 from preemptserve.sim.simulator import SimConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,10 +76,19 @@ def parse_args() -> argparse.Namespace:
                         default=RESULTS / "profile-cpu-served-2x-2026-11-30.json",
                         help="cost model of one instance beside another, for the predictions "
                         "(bench profile --server --param num_instances=2 ...)")
+    parser.add_argument("--fit-profile", action="store_true",
+                        help="first fit the profile on this machine, now (bench profile "
+                        "--server with these instances), saved as OUT-profile.json with "
+                        "its iteration logs, and predict with it: a profile and the runs "
+                        "it predicts must share the machine's state")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--sim-seeds", type=int, default=5,
-                        help="noise seeds the predicted mean and P99 JCT are averaged over")
+    parser.add_argument("--sim-seeds", type=int, default=20,
+                        help="noise seeds the predicted mean and P99 JCT are averaged over "
+                        "(the P99 of a few hundred requests moves by up to 4x from seed "
+                        "to seed: a slow stretch of the machine, or none)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="keep each run's iteration logs (one per instance) in DIR")
     parser.add_argument("--out", type=Path, help="path without extension (required unless "
                         "--at-served-speed)")
     parser.add_argument("--at-served-speed", type=Path, default=None, metavar="PATH.json",
@@ -95,6 +106,26 @@ def prompts_for(workload: Workload) -> list[str]:
     from preemptserve.bench.prompts import PromptBuilder
 
     return PromptBuilder().prompts([r.input_tokens for r in workload.requests], seed=0)
+
+
+def fit_profile(base: dict[str, str], params: list[str], out: Path) -> Path:
+    """``bench profile --server`` for the setups' instances (migration off); its path."""
+    path = out.with_name(out.name + "-profile.json")
+    ray_dir = tempfile.mkdtemp(prefix="psray", dir="/tmp")
+    overrides = {key: base[key] for key in ("num_instances", "cpus_per_instance",
+                                            "kv_cache_bytes", "kv_cache_host_memory_bytes")}
+    overrides |= dict(p.split("=", 1) for p in params)
+    overrides |= {"enable_migration": "false", "ray_temp_dir": ray_dir}
+    command = [sys.executable, "-m", "preemptserve.bench", "profile", "--server",
+               "--out", str(path)]
+    for key, value in overrides.items():
+        command += ["--param", f"{key}={value}"]
+    print(" ".join(command[1:]), file=sys.stderr)
+    try:
+        subprocess.run(command, check=True)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return path
 
 
 def predict(args, parameters: dict[str, str], workload: Workload) -> dict | None:
@@ -118,7 +149,14 @@ def simulate(parameters: dict[str, str], cost_model, workload: Workload,
         runs.append({**summarize(result.timelines()), "cluster": result.cluster_summary()})
     return {**runs[0], "seeds": seeds,
             "jct_mean_over_seeds": sum(r["jct_s"]["mean"] for r in runs) / seeds,
-            "jct_p99_over_seeds": sum(r["jct_s"]["p99"] for r in runs) / seeds}
+            "jct_p99_over_seeds": sum(r["jct_s"]["p99"] for r in runs) / seeds,
+            "jct_p99_by_seed": [r["jct_s"]["p99"] for r in runs]}
+
+
+def seed_range(sim: dict) -> str:
+    """The 10th-90th percentile of the simulated P99 JCT over the noise seeds."""
+    low, high = np.percentile(sim["jct_p99_by_seed"], [10, 90])
+    return f"{low:.2f}-{high:.2f}"
 
 
 def served_speed(args, parameters: dict[str, str], log: Path) -> float | None:
@@ -128,11 +166,13 @@ def served_speed(args, parameters: dict[str, str], log: Path) -> float | None:
         cost_model = load_profile(str(args.profile.resolve()))
     except (OSError, ValueError):
         return None
-    records = [r for i in range(int(parameters["num_instances"]))
-               if Path(instance_log_path(log, i)).exists()
-               for r in read_iteration_log(instance_log_path(log, i))]
+    per_instance = [list(read_iteration_log(instance_log_path(log, i)))
+                    for i in range(int(parameters["num_instances"]))
+                    if Path(instance_log_path(log, i)).exists()]
+    records = [r for records in per_instance for r in records]
+    shares = [x for row in co_running(per_instance) for x in row]
     block_bytes = SimConfig.from_parameters(parameters, cost_model).block_bytes
-    return served_over_modelled(cost_model, records, block_bytes)["total"]
+    return served_over_modelled(cost_model, records, block_bytes, shares)["total"]
 
 
 def at_served_speed(args) -> None:
@@ -160,13 +200,13 @@ def at_served_speed(args) -> None:
             sim = simulate(parameters, model, workload, args.sim_seeds)
             row += [f"{sim['jct_mean_over_seeds']:.2f}",
                     f"{sim['jct_mean_over_seeds'] / mean_jct - 1:+.1%}",
-                    f"{sim['jct_p99_over_seeds']:.2f}",
+                    f"{sim['jct_p99_over_seeds']:.2f} ({seed_range(sim)})",
                     f"{sim['jct_p99_over_seeds'] / p99_jct - 1:+.1%}"]
         rows.append([*row[:3], f"{factor:.3f}", *row[3:]])
     print_table(f"{args.at_served_speed.name}: the prediction ({args.sim_seeds} noise seeds) "
                 "and, as a diagnosis, the simulation at the runs' speed",
                 ["setup", "mean JCT s", "P99 JCT s", "runs' speed x profile",
-                 "sim mean JCT s", "error", "sim P99 JCT s", "error",
+                 "sim mean JCT s", "error", "sim P99 JCT s (seeds' 10-90%)", "error",
                  "at runs' speed: mean JCT s", "error", "P99 JCT s", "error"], rows,
                 "markdown")
 
@@ -184,6 +224,8 @@ def main() -> int:
             "kv_cache_bytes": str(32 * 2**20), "kv_cache_host_memory_bytes": str(128 * 2**20)}
     base.update(dict(p.split("=", 1) for p in args.param))
     started = dt.datetime.now(dt.timezone.utc)
+    if args.fit_profile:
+        args.profile = fit_profile(base, args.param, args.out)
     predictions = {name: predict(args, {**base, **SETUPS[name]}, workload)
                    for name in args.setups}
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -200,6 +242,10 @@ def main() -> int:
                                              None, label)
                 shutil.rmtree(parameters["ray_temp_dir"], ignore_errors=True)
                 entry["served_over_modelled"] = served_speed(args, parameters, log)
+                if args.keep_logs is not None:
+                    args.keep_logs.mkdir(parents=True, exist_ok=True)
+                    for path in workdir.glob(f"{label}-iterations*.jsonl"):
+                        shutil.copy(path, args.keep_logs / path.name)
                 runs[name].append(entry)
                 print(f"{label}: done", file=sys.stderr)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +256,8 @@ def main() -> int:
 
     headers = ["setup", "P99 TTFT s (each run)", "mean TTFT s", "P99 JCT s (each run)",
                "mean JCT s", "migrations committed / aborted", "sim P99 TTFT s",
-               "sim P99 JCT s", "sim mean JCT s", "sim migrations", "mean JCT error",
-               "P99 JCT error", "served iteration time / model"]
+               "sim P99 JCT s (seeds' 10-90%)", "sim mean JCT s", "sim migrations",
+               "mean JCT error", "P99 JCT error", "served iteration time / model"]
     rows = []
     for name, entries in runs.items():
         summaries = [e["summary"] for e in entries]
@@ -232,7 +278,7 @@ def main() -> int:
             f"{mean_jct:.2f}",
             f"{done:.0f} / {aborted:.0f}",
             f"{sim['ttft_s']['p99']:.2f}" if sim else "-",
-            f"{sim['jct_p99_over_seeds']:.2f}" if sim else "-",
+            f"{sim['jct_p99_over_seeds']:.2f} ({seed_range(sim)})" if sim else "-",
             f"{sim['jct_mean_over_seeds']:.2f}" if sim else "-",
             f"{sim['cluster']['migrations']['committed']}" if sim else "-",
             # simulated minus measured (the mean over the repeats), relative to measured

@@ -154,6 +154,26 @@ for policy in t.LOCAL_POLICIES:
 """
 
 
+def test_instances_sharing_a_machine_slow_each_other_while_both_step() -> None:
+    # Two equal requests at once, one per instance (round robin), then one alone.
+    w = Workload("pair", (RequestSpec(0, 0.0, 32, 40), RequestSpec(1, 0.0, 32, 40),
+                          RequestSpec(2, 30.0, 32, 40)))
+    config = cluster_config("fcfs", 2, dispatch="round_robin", migration=False)
+
+    def jcts(slowdown: float) -> list[float]:
+        cost = COST.with_coefficients(co_running_slowdown=slowdown)
+        result = ClusterSimulator(config, cost, w).run()
+        return [t.jct_s for t in result.timelines()]
+
+    alone, shared = jcts(0.0), jcts(0.5)
+    # side by side every step of both takes 1.5x (the first may start before the other
+    # instance's: within one iteration); the lone request is as fast as without contention
+    for together, apart in zip(shared[:2], alone[:2], strict=True):
+        assert together - COST.request_latency_s == pytest.approx(
+            1.5 * (apart - COST.request_latency_s), rel=0.03)
+    assert shared[2] == pytest.approx(alone[2])
+
+
 def test_a_cluster_simulation_replays_identically_across_processes() -> None:
     """String hashes (set and dict orders of request ids) differ between processes."""
     outputs = {

@@ -191,6 +191,15 @@ def parser() -> argparse.ArgumentParser:
     )
     prof.add_argument("--out", type=Path, default=RESULTS_DIR / "profile-cpu.json")
 
+    refit = sub.add_parser("refit", help="a served profile fitted again to its saved "
+                           "iteration logs (no server)")
+    refit.add_argument("profile", type=Path, help="the profile (bench profile --server)")
+    refit.add_argument("--logs", type=Path, nargs="+", required=True,
+                       help="its iteration logs, one per instance, in instance order")
+    refit.add_argument("--param", action="append", default=[],
+                       help="KEY=VALUE the profile's server parameters (kv_block_size)")
+    refit.add_argument("--out", type=Path, required=True)
+
     fid = sub.add_parser("fidelity", help="simulator against the server, per policy")
     add_workload_arguments(fid)
     add_server_arguments(fid)
@@ -262,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": commands.simulate,
         "simulate-cluster": commands.simulate_cluster,
         "profile": commands.profile,
+        "refit": commands.refit,
         "fidelity": fidelity.fidelity,
         "sweep": commands.sweep,
         "matrix": matrix.matrix,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -398,4 +400,22 @@ def profile(args: argparse.Namespace) -> int:
     source["elapsed_s"] = time.time() - started
     path = save_profile(model, args.out, source)
     print(f"cost model written to {path}:\n{model}")
+    return 0
+
+
+def refit(args: argparse.Namespace) -> int:
+    from ..sim.fit import refit_serving
+
+    profile = load_profile(str(args.profile))
+    served = serving_config_from_parameters(_pairs(args.param, "--param"))
+    block_bytes = profile.kv_bytes_per_token * served.engine.cache.block_size
+    model, serving = refit_serving(profile, args.logs, block_bytes)
+    source = {**profile.source, "serving": serving,
+              "refit": {"command": " ".join(sys.argv), "date": dt.datetime.now(
+                  dt.timezone.utc).isoformat(), "from": str(args.profile)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    dataclasses.replace(model, source=source).save(args.out)
+    print(f"cost model written to {args.out}: coefficients {serving['coefficients']}, "
+          f"co_running_slowdown {model.co_running_slowdown:.3f}, period fit error "
+          f"{serving['period_fit_relative_error']}")
     return 0

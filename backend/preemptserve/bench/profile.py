@@ -36,9 +36,10 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.profiling import measure_hidden_recompute_cost
 from ..sim.cost_model import BatchShape, IterationCostModel, batch_shape
 from ..sim.fit import (
+    LONE_PROMPTS,
     fit_iteration_coefficients,
     fit_quality,
-    fit_served_iterations,
+    fit_serving,
     fit_swap,
 )
 from .workload import RequestSpec, Workload
@@ -244,7 +245,7 @@ def profile_serving(
     for _ in range(3):
         burst(16, 8)  # warm-up
     skip = [len(list(read_iteration_log(p))) if p.exists() else 0 for p in iteration_logs]
-    lone_ttfts = [(n, burst(n, 2).ttft_s) for n in (16, 64, 256) for _ in range(3)]
+    lone_ttfts = [(n, burst(n, 2).ttft_s) for n in LONE_PROMPTS for _ in range(3)]
     max_context = serving_config_from_parameters(parameters).engine.max_model_len or (
         model.max_model_len)
     workloads = []
@@ -253,24 +254,16 @@ def profile_serving(
                                    rate * len(iteration_logs), seed=seed,
                                    length_scale=length_scale, max_context_tokens=max_context))
         run(workloads[-1])
-    # One instance's log after another: a period never spans two logs (iteration_periods
-    # pairs consecutive iteration numbers only).
-    records = [r for p, n in zip(iteration_logs, skip, strict=True)
-               for r in read_log_when_idle(p)[n:]]
-    fitted, facts = fit_served_iterations(model, records, block_bytes)
-    residuals = [ttft - fitted.prefill_time_s(n) for n, ttft in lone_ttfts]
-    request_latency_s = max(0.0, float(np.median(residuals)))
-    fitted = fitted.with_coefficients(request_latency_s=request_latency_s)
+    per_instance = [read_log_when_idle(p)[n:] for p, n in zip(iteration_logs, skip, strict=True)]
+    fitted, facts = fit_serving(model, per_instance, block_bytes, lone_ttfts)
     facts |= {
-        "ttft_residuals_s": residuals,
-        "request_latency_s": request_latency_s,
+        "log_skip": skip,
         "profiling_workloads": [w.describe() for w in workloads],
         "in_process_over_served": {
             f"prefill_{n}": model.prefill_time_s(n) / fitted.prefill_time_s(n)
             for n in (16, 256)
         },
         "load_average_1m": os.getloadavg()[0],
-        "num_instances": len(iteration_logs),
     }
     logger.info("serving profile: %s", facts)
     return fitted, facts

@@ -237,9 +237,15 @@ class ClusterSimulator(_Scaling):
             events.push(0.0, EventKind.TICK)
         ITERATION_END, STEP, ARRIVAL = EventKind.ITERATION_END, EventKind.STEP, EventKind.ARRIVAL
         TICK = EventKind.TICK
+        contention = cost.co_running_slowdown / (n - 1) if n > 1 else 0.0
+        busy = self._busy
         while events:
             now, kind, payload = events.pop()
             self.now_s = now
+            if kind is STEP and contention:
+                # the machine's cores are shared: the other instances in a step slow it
+                instances[payload].slowdown = 1 + contention * (
+                    sum(busy) - busy[payload])
             if kind is STEP and runs[payload] is not None and self._repeat(payload):
                 last_work_s = now  # the last plan again, one token further
             elif kind is STEP:

@@ -80,6 +80,11 @@ class IterationCostModel:
     # ``noise_quantiles`` (its marginal).
     noise_trace: tuple[float, ...] = ()
     noise_block_iterations: float = 1.0
+    # Instances sharing one machine's cores (engines on a CPU): an instance's iteration
+    # takes (1 + co_running_slowdown x the share of the other instances in a step) times
+    # its batch's time. 0 where each instance has a device of its own (the GPU profiles).
+    # Fitted by ``bench profile --server`` with several instances (``sim/fit.py``).
+    co_running_slowdown: float = 0.0
     # Provenance: the command, machine and date, or the publication and derivation.
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -187,6 +187,9 @@ class SimInstance:
         self.num_hidden_tokens = 0
         self._empty_in_a_row = 0
         self.num_repeated_steps = 0  # of num_iterations, run without planning (repeat.py)
+        # The next iteration's time over its batch's (the cluster simulator sets it from
+        # the instances sharing the machine: ``co_running_slowdown``).
+        self.slowdown = 1.0
 
     def plan(self) -> tuple[SchedulerOutput, float]:
         """``schedule()`` one iteration; returns it with its modelled duration."""
@@ -213,7 +216,7 @@ class SimInstance:
         all decodes, no swaps, no hidden-mode item): its duration, drawn as
         ``iteration_time_s`` draws it."""
         cost = self.cost_model
-        duration_s = cost.iteration_time_s(shape)
+        duration_s = cost.iteration_time_s(shape) * self.slowdown
         if cost.noise_trace or cost.noise_quantiles:
             duration_s *= self._noise_factor()
         self.num_iterations += 1
@@ -281,8 +284,10 @@ class SimInstance:
             # Hidden-mode items past their first chunk recompute K/V of their context.
             compute_s += cost.hidden_recompute_s_per_block * hidden_recompute_blocks(
                 output, self.config.block_size)
-        if (cost.noise_trace or cost.noise_quantiles) and not output.is_empty:
-            compute_s *= self._noise_factor()
+        if not output.is_empty:
+            compute_s *= self.slowdown
+            if cost.noise_trace or cost.noise_quantiles:
+                compute_s *= self._noise_factor()
         block_bytes = self.config.block_bytes
         if cost.swap_overlaps_compute:
             # Only blocking swap-outs and swap-ins of scheduled requests hold the forward.
