@@ -88,7 +88,9 @@ def parse_args() -> argparse.Namespace:
                         "to seed: a slow stretch of the machine, or none)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
-                        help="keep each run's iteration logs (one per instance) in DIR")
+                        help="keep each run's iteration logs (one per instance) in DIR; "
+                        "with --at-served-speed, read the runs' speed against --profile "
+                        "from the logs kept there")
     parser.add_argument("--out", type=Path, help="path without extension (required unless "
                         "--at-served-speed)")
     parser.add_argument("--at-served-speed", type=Path, default=None, metavar="PATH.json",
@@ -188,6 +190,11 @@ def at_served_speed(args) -> None:
     cost_model = load_profile(str(args.profile.resolve()))
     rows = []
     for name, entries in saved["runs"].items():
+        if args.keep_logs is not None:  # the runs' speed against this profile, from logs
+            parameters = {**saved["parameters"], **SETUPS[name]}
+            for repeat, entry in enumerate(entries):
+                log = args.keep_logs / f"{name}-{repeat}-iterations.jsonl"
+                entry["served_over_modelled"] = served_speed(args, parameters, log)
         speeds = [e["served_over_modelled"] for e in entries if e.get("served_over_modelled")]
         if not speeds:
             continue

@@ -23,6 +23,7 @@ from preemptserve.sim.fit import (
     fit_served_iterations,
     iteration_periods,
     noise_block_length,
+    served_over_modelled,
 )
 from preemptserve.sim.simulator import SimConfig, Simulator
 
@@ -122,6 +123,10 @@ def test_the_fit_separates_the_other_instances_slowdown_from_the_batch() -> None
     assert blind.co_running_slowdown == 0.0
     assert (blind_facts["period_fit_relative_error"]["median_abs"]
             > 1.5 * facts["period_fit_relative_error"]["median_abs"])
+    # the diagnosis of a run counts the slowdown in the modelled time when given shares
+    assert served_over_modelled(fitted, records, BLOCK_BYTES, shares)["total"] == (
+        pytest.approx(1.0, abs=0.03))
+    assert served_over_modelled(fitted, records, BLOCK_BYTES)["total"] > 1.2
     # alone (shares 0), there is nothing to fit: no slowdown
     alone, _ = fit_served_iterations(start, served_log(2000, rho=0.5), BLOCK_BYTES,
                                      np.zeros(2000))
