@@ -164,8 +164,8 @@ def fit_served_iterations(
     coefficients = fit_iteration_coefficients(samples)
     if shares is not None and share.any():
         for _ in range(_CONTENTION_ROUNDS):
-            modelled = np.array([model.with_coefficients(**coefficients).iteration_time_s(s)
-                                 for s, _ in samples])
+            current = model.with_coefficients(**coefficients)
+            modelled = np.array([current.iteration_time_s(s) for s, _ in samples])
             # min sum(((t - m (1 + k x)) / t)^2) over k: linear in k
             w = modelled * share / times
             slowdown = max(0.0, float(np.dot(w, 1 - modelled / times) / np.dot(w, w)))
