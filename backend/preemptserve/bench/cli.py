@@ -32,7 +32,7 @@ from pathlib import Path
 from ..core.global_scheduler import DISPATCH_POLICIES
 from ..core.scheduler import available_policies
 from ..sim.cluster_moves import MIGRATION_COST_NAMES
-from . import commands, fidelity, matrix
+from . import commands, fidelity, matrix, profile_commands
 from .commands import build_workload
 from .workload import PRESETS
 
@@ -270,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve-compare": commands.serve_compare,
         "simulate": commands.simulate,
         "simulate-cluster": commands.simulate_cluster,
-        "profile": commands.profile,
-        "refit": commands.refit,
+        "profile": profile_commands.profile,
+        "refit": profile_commands.refit,
         "fidelity": fidelity.fidelity,
         "sweep": commands.sweep,
         "matrix": matrix.matrix,
